@@ -1,0 +1,321 @@
+"""Datasets: registry, offline discovery, train/val/test tensors and per-class sampling.
+
+Every dataset is held in memory as normalised float tensors (the largest, CIFAR-100, is
+600 MB), because distillation samples a few hundred images per class every iteration and a
+DataLoader would spend more time than the model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mim4dd" / "data"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    is_digits: bool  # flipping changes a digit's meaning, so DSA drops flip
+    how_to_get: str
+
+
+_TORCHVISION_HINT = (
+    "run once with network access (it downloads into the data root), or copy the "
+    "torchvision-layout files into one of the roots"
+)
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in [
+        DatasetInfo("MNIST", 1, 28, 10, (0.1307,), (0.3081,), True, _TORCHVISION_HINT),
+        DatasetInfo(
+            "FashionMNIST", 1, 28, 10, (0.2861,), (0.3530,), False,
+            "install Debian's package `dataset-fashion-mnist` (found automatically in "
+            f"{DEBIAN_FASHION_MNIST}), or " + _TORCHVISION_HINT,
+        ),
+        DatasetInfo(
+            "SVHN", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), True,
+            _TORCHVISION_HINT,
+        ),
+        DatasetInfo(
+            "CIFAR10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), False,
+            _TORCHVISION_HINT,
+        ),
+        DatasetInfo(
+            "CIFAR100", 3, 32, 100, (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762), False,
+            _TORCHVISION_HINT,
+        ),
+        # scikit-learn's bundled 8x8 handwritten digits: real, tiny and always offline.
+        DatasetInfo("digits", 1, 8, 10, (0.3047,), (0.3781,), True, "pip install scikit-learn"),
+        # Folder-of-class-folders: data_root/train/<class>/*.png and data_root/test/<class>/*.png.
+        # Shape and statistics are read from the files.
+        DatasetInfo(
+            "ImageFolder", 0, 0, 0, (), (), False,
+            "point data_root at a folder holding train/<class>/ and test/<class>/ image folders",
+        ),
+    ]
+}
+
+
+class DatasetError(RuntimeError):
+    """A dataset could not be found or read; the message says where we looked and what to do."""
+
+
+def canonical_dataset_name(name: str) -> str:
+    """Case-insensitive lookup, so `cifar10` and `CIFAR10` are the same dataset."""
+    by_lower = {key.lower(): key for key in DATASETS}
+    key = by_lower.get(name.lower().replace("-", "").replace("_", ""))
+    if key is None:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    return key
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # N x C x H x W, normalised float32
+    labels: torch.Tensor  # N, int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class RealData:
+    info: DatasetInfo
+    train: Split
+    val: Split
+    test: Split
+    class_names: list[str]
+    root: Path | None = None
+    _class_index: ClassIndex | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.info.channels, self.info.image_size, self.info.image_size)
+
+    @property
+    def by_class(self) -> ClassIndex:
+        if self._class_index is None:
+            self._class_index = ClassIndex(self.train.labels, self.num_classes)
+        return self._class_index
+
+    def sample_per_class(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n train images of every class (without replacement), grouped class by class."""
+        index = self.by_class.sample(n, generator)
+        return self.train.images[index], self.train.labels[index]
+
+    def denormalise(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.info.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.info.std, device=images.device).view(1, -1, 1, 1)
+        return images * std + mean
+
+
+class ClassIndex:
+    """Train indices sorted by class, so a per-class batch is one tensor operation."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int):
+        self.order = torch.argsort(labels, stable=True)
+        self.counts = torch.bincount(labels, minlength=num_classes)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        if (self.counts == 0).any():
+            missing = torch.nonzero(self.counts == 0).flatten().tolist()
+            raise DatasetError(f"classes {missing} have no training images")
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices of n distinct images per class (fewer if a class is smaller), class-major."""
+        n = min(n, int(self.counts.min()))
+        num_classes, widest = len(self.counts), int(self.counts.max())
+        # Random keys; positions past a class's count get +inf so they are never picked.
+        keys = torch.rand(num_classes, widest, generator=generator)
+        keys[torch.arange(widest).unsqueeze(0) >= self.counts.unsqueeze(1)] = float("inf")
+        picks = torch.topk(keys, n, dim=1, largest=False).indices  # C x n
+        return self.order[(self.starts.unsqueeze(1) + picks).flatten()]
+
+
+def candidate_roots(data_root: str | os.PathLike | None) -> list[Path]:
+    roots = []
+    if data_root:
+        roots.append(Path(data_root).expanduser())
+    if os.environ.get("MIM4DD_DATA"):
+        roots.append(Path(os.environ["MIM4DD_DATA"]).expanduser())
+    roots.append(DEFAULT_CACHE)
+    return list(dict.fromkeys(roots))
+
+
+def load_dataset(
+    name: str,
+    data_root: str | os.PathLike | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    download: bool = True,
+) -> RealData:
+    """Load train/val/test tensors. The validation split is held out of train with `seed`."""
+    info = DATASETS[canonical_dataset_name(name)]
+    roots = candidate_roots(data_root)
+    if info.name == "digits":
+        train, test, class_names = _load_digits()
+        root = None
+    elif info.name == "ImageFolder":
+        if not data_root:
+            raise DatasetError("dataset 'ImageFolder' needs data_root: " + info.how_to_get)
+        train, test, class_names, info = _load_image_folder(Path(data_root).expanduser())
+        root = Path(data_root)
+    else:
+        train, test, class_names, root = _load_torchvision(info, roots, download)
+        train = _normalise(train, info)
+        test = _normalise(test, info)
+    train, val = _hold_out(train, info.num_classes, val_fraction, seed)
+    return RealData(info, train, val, test, class_names, root)
+
+
+def _normalise(split: Split, info: DatasetInfo) -> Split:
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return Split((split.images - mean) / std, split.labels)
+
+
+def _hold_out(train: Split, num_classes: int, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Stratified, seeded validation split: the same fraction of every class."""
+    if fraction <= 0:
+        empty = Split(train.images[:0], train.labels[:0])
+        return train, empty
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(len(train), generator=generator)
+    by_class = shuffled[torch.argsort(train.labels[shuffled], stable=True)]
+    counts = torch.bincount(train.labels, minlength=num_classes)
+    rank_in_class = torch.arange(len(train)) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    is_val = rank_in_class < (counts.float() * fraction).long().repeat_interleave(counts)
+    val_idx, train_idx = by_class[is_val].sort().values, by_class[~is_val].sort().values
+    return (
+        Split(train.images[train_idx], train.labels[train_idx]),
+        Split(train.images[val_idx], train.labels[val_idx]),
+    )
+
+
+def _to_float_images(array: np.ndarray | torch.Tensor, channels_last: bool) -> torch.Tensor:
+    images = torch.as_tensor(np.asarray(array))
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    elif channels_last:
+        images = images.permute(0, 3, 1, 2)
+    return images.float().div_(255.0).contiguous()
+
+
+def _debian_fashion_mnist(cache: Path) -> Path | None:
+    """Gunzip Debian's Fashion-MNIST into torchvision's raw layout (its md5 check rejects .gz)."""
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        return None
+    raw = cache / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for packed in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+        target = raw / packed.name.removesuffix(".gz")
+        if not target.exists():
+            partial = target.with_suffix(".partial")
+            with gzip.open(packed, "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.replace(target)  # atomic: a concurrent reader never sees half a file
+    return cache
+
+
+def _load_torchvision(info: DatasetInfo, roots: list[Path], download: bool):
+    from torchvision import datasets
+
+    cls = getattr(datasets, info.name)
+
+    def open_split(root: Path, train: bool, allow_download: bool):
+        if info.name == "SVHN":
+            return cls(str(root), split="train" if train else "test", download=allow_download)
+        return cls(str(root), train=train, download=allow_download)
+
+    tried = list(roots)
+    if info.name == "FashionMNIST":
+        debian = _debian_fashion_mnist(DEFAULT_CACHE if DEFAULT_CACHE in roots else roots[-1])
+        if debian is not None:
+            tried.append(DEBIAN_FASHION_MNIST)
+            roots = [*roots, debian]
+    errors: list[str] = []
+    for root in list(dict.fromkeys(roots)):
+        try:
+            train_set, test_set = open_split(root, True, False), open_split(root, False, False)
+            break
+        except (RuntimeError, OSError, ValueError) as exc:
+            errors.append(f"{root}: {str(exc).splitlines()[0]}")
+    else:
+        if download:
+            root = roots[0]
+            try:
+                train_set, test_set = open_split(root, True, True), open_split(root, False, True)
+            except Exception as exc:  # noqa: BLE001 - any download failure is reported the same way
+                errors.append(f"download into {root}: {type(exc).__name__}: {exc}")
+                train_set = None
+        else:
+            train_set = None
+        if train_set is None:
+            raise DatasetError(
+                f"dataset {info.name} not found. Roots tried: {', '.join(map(str, tried))}.\n"
+                f"How to get it: {info.how_to_get}.\nDetails:\n  " + "\n  ".join(errors)
+            )
+    splits = []
+    for ds in (train_set, test_set):
+        labels = ds.labels if info.name == "SVHN" else ds.targets
+        channels_last = info.name.startswith("CIFAR")
+        images = _to_float_images(ds.data, channels_last)
+        splits.append(Split(images, torch.as_tensor(np.asarray(labels), dtype=torch.long)))
+    class_names = list(getattr(train_set, "classes", [str(c) for c in range(info.num_classes)]))
+    return splits[0], splits[1], class_names, root
+
+
+def _load_digits() -> tuple[Split, Split, list[str]]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DatasetError("dataset digits needs scikit-learn: pip install scikit-learn") from exc
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    info = DATASETS["digits"]
+    normalised = _normalise(Split(images, labels), info)
+    # Fixed split (the set has none): 500 images, seed 0, are the test split forever.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    test_idx, train_idx = order[:500].sort().values, order[500:].sort().values
+    split = lambda idx: Split(normalised.images[idx], normalised.labels[idx])  # noqa: E731
+    return split(train_idx), split(test_idx), [str(d) for d in range(10)]
+
+
+def _load_image_folder(root: Path) -> tuple[Split, Split, list[str], DatasetInfo]:
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DatasetError(f"ImageFolder root {root} lacks train/ and test/ folders")
+    raw = []
+    for part in ("train", "test"):
+        folder = ImageFolder(str(root / part))
+        images = torch.stack([pil_to_tensor(img) for img, _ in folder]).float() / 255.0
+        raw.append(Split(images, torch.tensor(folder.targets, dtype=torch.long)))
+        if part == "train":
+            classes = folder.classes
+    channels, height, width = raw[0].images.shape[1:]
+    if height != width:
+        raise DatasetError(f"ImageFolder images must be square, got {height}x{width}")
+    mean = tuple(raw[0].images.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(raw[0].images.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist())
+    info = DatasetInfo("ImageFolder", channels, height, len(classes), mean, std, False, "")
+    return _normalise(raw[0], info), _normalise(raw[1], info), classes, info

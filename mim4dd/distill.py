@@ -1,0 +1,207 @@
+"""The distillation loop: L = L_base + lambda * L_MIM, optimised over images and MIM heads.
+
+Every step draws its randomness (real batch, DSA parameters, fresh network weights) from a
+generator seeded by (seed, iteration) alone, so a run resumed from `state_dict()` continues
+bit-for-bit on CPU without saving any RNG state.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mim4dd.config import Config
+from mim4dd.data import RealData, load_dataset
+from mim4dd.models import block_shapes
+from mim4dd.objectives import BASES, MIMTerm, StepBatch
+from mim4dd.synset import SyntheticSet
+
+STATE_VERSION = 1
+INIT_STREAM = 1  # the initial images draw from their own stream, apart from the steps
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stops instead of writing a broken set."""
+
+
+class DistillCallback:
+    """Receives progress from `Distiller.run`. Override what you need; all are no-ops."""
+
+    def on_start(self, distiller: Distiller) -> None: ...
+
+    def on_iteration(self, iteration: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, iteration: int, state: dict) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def step_seed(seed: int, iteration: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed from the run seed, the iteration and a stream tag."""
+    entropy = [seed, stream, iteration]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+class Distiller:
+    def __init__(self, config: Config, data: RealData | None = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.data = data or load_dataset(
+            config.dataset, config.data_root, config.val_fraction, seed=config.seed
+        )
+        info = self.data.info
+        self.objective = BASES[config.base](config, self.data, self.device)
+        self.train_images = self.data.train.images.to(self.device)
+        self.train_labels = self.data.train.labels.to(self.device)
+
+        self.syn_labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
+        self.images = self._initial_images().to(self.device).requires_grad_(True)
+        self.syn_labels = self.syn_labels.to(self.device)
+        self.image_optimizer = torch.optim.SGD(
+            [self.images], lr=config.lr_img, momentum=config.momentum_img
+        )
+        self.schedule = torch.optim.lr_scheduler.MultiStepLR(
+            self.image_optimizer, milestones=config.lr_milestones, gamma=config.lr_gamma
+        )
+        shapes = block_shapes(info.channels, info.image_size, config.model)
+        pooled = [shapes[k][0] * config.mim_grid**2 for k in config.blocks]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.mim = MIMTerm(pooled, config.head_dim, config.tau).to(self.device)
+        self.head_optimizer = torch.optim.SGD(
+            self.mim.parameters(), lr=config.lr_heads, momentum=config.momentum_img
+        )
+        self.iteration = 0
+
+    def _initial_images(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(step_seed(self.config.seed, 0, stream=INIT_STREAM))
+        if self.config.init == "noise":
+            shape = (len(self.syn_labels), *self.data.image_shape)
+            return torch.randn(shape, generator=generator)
+        if int(self.data.by_class.counts.min()) < self.config.ipc:
+            raise ValueError(
+                f"ipc={self.config.ipc} needs at least that many training images per class; "
+                f"the smallest class has {int(self.data.by_class.counts.min())} (use init: noise)"
+            )
+        images, _ = self.data.sample_per_class(self.config.ipc, generator)
+        return images.clone()
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step over the synthetic images and the MIM heads."""
+        config, it = self.config, self.iteration
+        seed = step_seed(config.seed, it)
+        generator = torch.Generator().manual_seed(seed)
+        index = self.data.by_class.sample(config.batch_real, generator).to(self.device)
+        batch = StepBatch(
+            self.train_images[index], self.train_labels[index], self.images, self.syn_labels,
+            generator, seed,
+        )
+        use_mim = config.lam > 0  # lambda = 0 never touches the heads: exactly the base method
+        out = self.objective.match(batch, with_features=use_mim)
+        loss = out.base_loss
+        metrics = {"loss_base": out.base_loss.item()}
+        if use_mim:
+            mim_loss, per_block = self.mim(
+                out.syn_features, out.real_features, batch.syn_labels, batch.real_labels
+            )
+            loss = loss + config.lam * mim_loss
+            metrics["loss_mim"] = mim_loss.item()
+            for k, block_loss in zip(config.blocks, per_block, strict=True):
+                metrics[f"loss_mim_block{k + 1}"] = block_loss.item()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {float(loss)} at iteration {it} (base {metrics['loss_base']}, "
+                f"mim {metrics.get('loss_mim', 0.0)}); stopping before the set is corrupted. "
+                "Lower lr_img or lam."
+            )
+        self.image_optimizer.zero_grad(set_to_none=True)
+        self.head_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.image_optimizer.step()
+        if use_mim:
+            self.head_optimizer.step()
+        metrics["loss"] = loss.item()
+        metrics["lr_img"] = self.image_optimizer.param_groups[0]["lr"]
+        self.schedule.step()
+        self.iteration += 1
+        return metrics
+
+    def run(
+        self, callback: DistillCallback | None = None, checkpoint_every: int = 0
+    ) -> SyntheticSet:
+        """Step until `config.iterations`, reporting to `callback`; returns the set."""
+        callback = callback or DistillCallback()
+        callback.on_start(self)
+        while self.iteration < self.config.iterations:
+            started = time.perf_counter()
+            metrics = self.step()
+            metrics["seconds_per_iteration"] = time.perf_counter() - started
+            callback.on_iteration(self.iteration, metrics)
+            if checkpoint_every and self.iteration % checkpoint_every == 0:
+                callback.on_checkpoint(self.iteration, self.state_dict())
+        return self.synthetic_set()
+
+    def synthetic_set(self) -> SyntheticSet:
+        info = self.data.info
+        return SyntheticSet.create(
+            self.images.detach(), self.syn_labels, dataset=info.name,
+            class_names=self.data.class_names, mean=info.mean, std=info.std,
+            config=self.config.model_dump(mode="json"),
+            eval_protocol=self.config.eval.model_dump(mode="json"),
+            extra={"iterations_done": self.iteration},
+        )
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: images, optimisers, heads, iteration."""
+        return {
+            "version": STATE_VERSION,
+            "iteration": self.iteration,
+            "config": self.config.model_dump(mode="json"),
+            "images": self.images.detach().cpu().clone(),
+            "image_optimizer": self.image_optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "mim": {k: v.cpu() for k, v in self.mim.state_dict().items()},
+            "head_optimizer": self.head_optimizer.state_dict(),
+            "objective": self.objective.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"distillation state version {state.get('version')} is not {STATE_VERSION}")
+        saved = Config.model_validate(state["config"])
+        # Where it runs, how long it goes on and how it is evaluated may change on resume.
+        free = {"device", "iterations", "eval"}
+        if saved.model_dump(exclude=free) != self.config.model_dump(exclude=free):
+            raise ValueError("this state was saved by a run with a different config")
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.device))
+        self.image_optimizer.load_state_dict(state["image_optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.mim.load_state_dict(state["mim"])
+        self.head_optimizer.load_state_dict(state["head_optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        self.iteration = int(state["iteration"])
+
+    def save_state(self, path: str | Path) -> None:
+        path = Path(path)
+        partial = path.with_suffix(path.suffix + ".partial")
+        torch.save(self.state_dict(), partial)
+        partial.replace(path)  # atomic: a kill mid-write leaves the previous state intact
+
+    def load_state(self, path: str | Path) -> None:
+        # weights_only: tensors and plain containers only; never runs code from the file.
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def distill(
+    config: Config, data: RealData | None = None, callback: DistillCallback | None = None
+) -> SyntheticSet:
+    """Run one distillation from scratch and return its synthetic set."""
+    return Distiller(config, data).run(callback)

@@ -1,0 +1,49 @@
+"""Distribution matching (DM, Zhao & Bilen 2023): match per-class mean embeddings of a freshly
+initialised network, with the same DSA transformation on a class's real and synthetic images."""
+
+from __future__ import annotations
+
+import torch
+
+from mim4dd.models import build_model
+from mim4dd.objectives.base import MatchingObjective, MatchOutput, StepBatch
+from mim4dd.objectives.mim import pool_to_grid
+
+# Real images go through the frozen network in chunks, so 100 classes x 256 images never
+# hold all first-block activations at once.
+REAL_CHUNK = 2048
+
+
+class DistributionMatching(MatchingObjective):
+    def match(self, batch: StepBatch, with_features: bool) -> MatchOutput:
+        info = self.data.info
+        net = build_model(info.channels, info.image_size, info.num_classes, self.config.model,
+                          seed=batch.seed).to(self.device)
+        net.requires_grad_(False)  # a random probe, never trained: gradients go to images only
+        params = self.dsa.sample(info.num_classes, batch.generator, self.device)
+        real = self.dsa.apply(batch.real, params, batch.real_labels)
+        syn = self.dsa.apply(batch.syn, params, batch.syn_labels)
+
+        with torch.no_grad():
+            real_out = [self._embed(net, chunk, with_features) for chunk in real.split(REAL_CHUNK)]
+        real_embed = torch.cat([emb for emb, _ in real_out])
+        syn_embed, syn_features = self._embed(net, syn, with_features)
+
+        real_means = _class_means(real_embed, batch.real_labels, info.num_classes)
+        syn_means = _class_means(syn_embed, batch.syn_labels, info.num_classes)
+        base_loss = ((real_means - syn_means) ** 2).sum()
+        if not with_features:
+            return MatchOutput(base_loss)
+        real_features = [torch.cat(parts) for parts in zip(*(f for _, f in real_out), strict=True)]
+        return MatchOutput(base_loss, real_features, syn_features)
+
+    def _embed(self, net, images: torch.Tensor, with_features: bool):
+        maps = net.block_features(images)
+        features = [pool_to_grid(maps[k], self.config.mim_grid) for k in self.config.blocks]
+        return maps[-1].flatten(1), (features if with_features else [])
+
+
+def _class_means(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    sums = embeddings.new_zeros(num_classes, embeddings.shape[1]).index_add(0, labels, embeddings)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1)
+    return sums / counts

@@ -1,0 +1,413 @@
+"""Synthetic sets: the product of a distillation, saved as a self-describing, checked directory.
+
+A saved set is a directory holding
+
+* ``synset.safetensors`` - ``images`` (N x C x H x W float32, normalised with the dataset's
+  mean/std), ``labels`` (N int64) and, for trajectory matching, a learned scalar ``lr``;
+* ``manifest.json`` - everything needed to use and reproduce the set (dataset, class names,
+  normalisation, full config, evaluation protocol, library versions) plus the SHA-256 and the
+  shapes/dtypes of the tensors file;
+* ``grid.png`` - the de-normalised images, one row per class, for a quick look.
+
+Loading never unpickles anything: tensors come from safetensors, and only after the file's
+checksum matched the manifest, so a tampered or truncated file is rejected before parsing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+import torchvision
+from safetensors import SafetensorError
+from torch.utils.data import TensorDataset
+from torchvision.utils import make_grid, save_image
+
+FORMAT_VERSION = 1
+
+TENSORS_FILE = "synset.safetensors"
+MANIFEST_FILE = "manifest.json"
+GRID_FILE = "grid.png"
+
+GRID_PADDING = 2
+# Cells smaller than this are upscaled (nearest) so tiny images stay visible in the PNG.
+GRID_MIN_CELL = 32
+
+_DTYPES = {"images": torch.float32, "labels": torch.int64, "lr": torch.float32}
+# Facts about one saved file, not about the set; dropped on load so a loaded manifest
+# equals the one that was saved.
+_FILE_KEYS = ("sha256", "tensors")
+
+
+class SyntheticSetError(ValueError):
+    """A synthetic set, or one of its files, is missing, malformed or inconsistent."""
+
+
+def _mim4dd_version() -> str:
+    try:
+        return metadata.version("mim4dd")
+    except metadata.PackageNotFoundError:  # running from a source checkout
+        return "0+unknown"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_json(value: Any, what: str) -> None:
+    # Fail at creation, not hours later at save time, and keep the file strict JSON.
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SyntheticSetError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _as_lr(lr: Any) -> torch.Tensor | None:
+    if lr is None:
+        return None
+    lr = torch.as_tensor(lr).detach()
+    if lr.numel() != 1:
+        raise SyntheticSetError(f"lr must be a scalar, got shape {list(lr.shape)}")
+    return lr.reshape(()).to(device="cpu", dtype=torch.float32, copy=True)
+
+
+def _check_tensors(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: torch.Tensor | None,
+    manifest: dict,
+    where: str,
+) -> None:
+    """Raise SyntheticSetError (prefixed with `where`) unless the tensors fit the manifest."""
+
+    def fail(message: str) -> None:
+        raise SyntheticSetError(f"{where}: {message}")
+
+    if images.dtype != torch.float32 or images.dim() != 4:
+        fail(f"images must be float32 N x C x H x W, got {images.dtype} {list(images.shape)}")
+    if list(images.shape[1:]) != list(manifest["image_shape"]):
+        fail(f"images are {list(images.shape[1:])}, manifest says {manifest['image_shape']}")
+    if labels.dtype != torch.int64 or labels.dim() != 1:
+        fail(f"labels must be a 1-D int64 tensor, got {labels.dtype} {list(labels.shape)}")
+    if len(labels) != len(images):
+        fail(f"{len(labels)} labels for {len(images)} images")
+    if lr is not None and (lr.dtype != torch.float32 or lr.dim() != 0):
+        fail(f"lr must be a float32 scalar, got {lr.dtype} {list(lr.shape)}")
+    num_classes = manifest["num_classes"]
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        fail(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    counts = torch.bincount(labels.cpu(), minlength=num_classes)
+    if (counts != manifest["ipc"]).any():
+        fail(f"expected {manifest['ipc']} images for each class, got counts {counts.tolist()}")
+
+
+def _check_manifest(manifest: Any, where: str) -> None:
+    """Check the fields load relies on, so a bad manifest gives a message, not a KeyError."""
+    if not isinstance(manifest, dict):
+        raise SyntheticSetError(f"{where}: expected a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SyntheticSetError(
+            f"{where}: format_version is {version!r}, this mim4dd reads {FORMAT_VERSION}"
+        )
+    expected = {
+        "num_classes": int, "class_names": list, "ipc": int, "image_shape": list,
+        "normalisation": dict, "sha256": str, "tensors": dict,
+    }
+    for key, kind in expected.items():
+        if not isinstance(manifest.get(key), kind):
+            raise SyntheticSetError(f"{where}: field {key!r} missing or not a {kind.__name__}")
+    if manifest["num_classes"] < 1 or manifest["ipc"] < 1:
+        raise SyntheticSetError(f"{where}: num_classes and ipc must be positive")
+    if len(manifest["class_names"]) != manifest["num_classes"]:
+        raise SyntheticSetError(f"{where}: num_classes does not match class_names")
+    shape = manifest["image_shape"]
+    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise SyntheticSetError(f"{where}: image_shape must be [C, H, W], got {shape}")
+    norm = manifest["normalisation"]
+    for key in ("mean", "std"):
+        if not isinstance(norm.get(key), list) or len(norm[key]) != shape[0]:
+            raise SyntheticSetError(f"{where}: normalisation.{key} needs {shape[0]} values")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _stage(directory: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """Write a file next to its destination under a temporary name and flush it to disk."""
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def grid_size(num_classes: int, ipc: int, height: int, width: int) -> tuple[int, int]:
+    """(width, height) in pixels of the grid.png that `save` writes for such a set."""
+    scale = max(1, GRID_MIN_CELL // min(height, width))
+    cell_h, cell_w = height * scale, width * scale
+    if num_classes * ipc == 1:  # make_grid returns a lone image without padding
+        return cell_w, cell_h
+    pad = GRID_PADDING
+    return ipc * (cell_w + pad) + pad, num_classes * (cell_h + pad) + pad
+
+
+@dataclass
+class SyntheticSet:
+    images: torch.Tensor
+    labels: torch.Tensor
+    manifest: dict
+    lr: torch.Tensor | None = None
+
+    @classmethod
+    def create(
+        cls,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        dataset: str,
+        class_names: list[str],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        config: dict,
+        eval_protocol: dict,
+        lr: torch.Tensor | float | None = None,
+        extra: dict | None = None,
+    ) -> SyntheticSet:
+        """Package distilled tensors with the manifest that makes them reusable."""
+        # Copies, so a distillation that keeps optimising its tensors cannot change the set.
+        images = images.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+        if labels.is_floating_point() or labels.is_complex():
+            raise SyntheticSetError(f"labels must be integers, got {labels.dtype}")
+        labels = labels.detach().to(device="cpu", dtype=torch.int64, copy=True).contiguous()
+        if images.dim() != 4 or len(images) == 0:
+            raise SyntheticSetError(f"images must be N x C x H x W, got {list(images.shape)}")
+        num_classes = len(class_names)
+        channels = images.shape[1]
+        if len(mean) != channels or len(std) != channels:
+            raise SyntheticSetError(
+                f"mean/std need {channels} values (one per channel), got {len(mean)}/{len(std)}"
+            )
+        if num_classes == 0:
+            raise SyntheticSetError("class_names must not be empty")
+        # _check_tensors below rejects sets whose classes are not all this size.
+        ipc = len(images) // num_classes
+        for value, what in ((config, "config"), (eval_protocol, "eval_protocol")):
+            _check_json(value, what)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset,
+            "num_classes": num_classes,
+            "class_names": list(class_names),
+            "ipc": ipc,
+            "image_shape": list(images.shape[1:]),
+            "normalisation": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
+            "config": config,
+            "eval_protocol": eval_protocol,
+            "versions": {
+                "mim4dd": _mim4dd_version(),
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "python": platform.python_version(),
+            },
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if extra:
+            clash = sorted(set(extra) & (set(manifest) | set(_FILE_KEYS)))
+            if clash:
+                raise SyntheticSetError(f"extra must not override manifest fields {clash}")
+            _check_json(extra, "extra")
+            manifest.update(extra)
+        lr = _as_lr(lr)
+        _check_tensors(images, labels, lr, manifest, "synthetic set")
+        return cls(images=images, labels=labels, manifest=manifest, lr=lr)
+
+    # --- properties -----------------------------------------------------------------------
+
+    @property
+    def ipc(self) -> int:
+        return int(self.manifest["ipc"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    # --- use ------------------------------------------------------------------------------
+
+    def denormalised(self) -> torch.Tensor:
+        """Images back in pixel space (roughly [0, 1]; not clamped)."""
+        norm = self.manifest["normalisation"]
+        kw = {"device": self.images.device, "dtype": self.images.dtype}
+        mean = torch.tensor(norm["mean"], **kw).view(1, -1, 1, 1)
+        std = torch.tensor(norm["std"], **kw).view(1, -1, 1, 1)
+        return self.images * std + mean
+
+    def to_dataset(self) -> TensorDataset:
+        """(image, label) pairs, normalised like the real data, ready for a DataLoader."""
+        return TensorDataset(self.images.detach(), self.labels.detach())
+
+    # --- persistence ----------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the set to `directory` (created if needed), replacing any set already there.
+
+        Every file is staged under a temporary name and renamed into place, manifest last:
+        a crash leaves either the old set, or files whose checksum the manifest rejects.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "images": self.images.detach().to("cpu", torch.float32).contiguous(),
+            "labels": self.labels.detach().to("cpu", torch.int64).contiguous(),
+        }
+        if self.lr is not None:
+            tensors["lr"] = _as_lr(self.lr)
+        _check_tensors(
+            tensors["images"], tensors["labels"], tensors.get("lr"), self.manifest,
+            "synthetic set",
+        )
+        staged: dict[str, Path] = {}
+        try:
+            staged[TENSORS_FILE] = _stage(
+                directory, TENSORS_FILE, lambda p: safetensors.torch.save_file(tensors, p)
+            )
+            staged[GRID_FILE] = _stage(directory, GRID_FILE, self._write_grid)
+            manifest = {
+                **self.manifest,
+                "sha256": _sha256(staged[TENSORS_FILE].read_bytes()),
+                "tensors": {
+                    name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+                    for name, t in tensors.items()
+                },
+            }
+            text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+            staged[MANIFEST_FILE] = _stage(
+                directory, MANIFEST_FILE, lambda p: p.write_text(text, encoding="utf-8")
+            )
+            for name in (TENSORS_FILE, GRID_FILE, MANIFEST_FILE):
+                os.replace(staged.pop(name), directory / name)
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
+        self._fsync_dir(directory)
+        return directory
+
+    def _write_grid(self, path: Path) -> None:
+        images = self.denormalised().detach().cpu().clamp(0, 1)
+        images = images[torch.argsort(self.labels.cpu(), stable=True)]  # row = class
+        height, width = images.shape[-2:]
+        scale = max(1, GRID_MIN_CELL // min(height, width))
+        if scale > 1:
+            images = F.interpolate(images, scale_factor=scale, mode="nearest")
+        grid = make_grid(images, nrow=max(1, self.ipc), padding=GRID_PADDING)
+        save_image(grid, path, format="png")
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        # Makes the renames durable; not every platform can open a directory.
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> SyntheticSet:
+        """Read and verify a set written by `save`; any problem raises SyntheticSetError."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_FILE
+        tensors_path = directory / TENSORS_FILE
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SyntheticSetError(f"{manifest_path}: file not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SyntheticSetError(f"{manifest_path}: cannot read JSON: {exc}") from exc
+        _check_manifest(manifest, str(manifest_path))
+
+        # Read once, hash those bytes, parse those bytes: nothing unverified is ever parsed.
+        try:
+            data = tensors_path.read_bytes()
+        except FileNotFoundError:
+            raise SyntheticSetError(f"{tensors_path}: file not found") from None
+        except OSError as exc:
+            raise SyntheticSetError(f"{tensors_path}: cannot read: {exc}") from exc
+        digest = _sha256(data)
+        if digest != manifest["sha256"]:
+            raise SyntheticSetError(
+                f"{tensors_path}: sha256 checksum mismatch (file {digest}, "
+                f"{MANIFEST_FILE} says {manifest['sha256']}); the file is corrupt or was modified"
+            )
+        try:
+            tensors = safetensors.torch.load(data)
+        except SafetensorError as exc:
+            raise SyntheticSetError(f"{tensors_path}: not a valid safetensors file: {exc}") from exc
+
+        declared = manifest["tensors"]
+        if set(tensors) != set(declared) or not {"images", "labels"} <= set(tensors):
+            raise SyntheticSetError(
+                f"{tensors_path}: holds tensors {sorted(tensors)}, {MANIFEST_FILE} lists "
+                f"{sorted(declared)} (need images, labels and optionally lr)"
+            )
+        for name, tensor in tensors.items():
+            if name not in _DTYPES:
+                raise SyntheticSetError(f"{tensors_path}: unexpected tensor {name!r}")
+            spec = declared[name]
+            found = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)}
+            if not isinstance(spec, dict) or found != {k: spec.get(k) for k in found}:
+                raise SyntheticSetError(
+                    f"{tensors_path}: tensor {name!r} is {found}, {MANIFEST_FILE} says {spec}"
+                )
+            if tensor.dtype != _DTYPES[name]:
+                raise SyntheticSetError(
+                    f"{tensors_path}: tensor {name!r} must be {_dtype_name(_DTYPES[name])}"
+                )
+        _check_tensors(
+            tensors["images"], tensors["labels"], tensors.get("lr"), manifest, str(tensors_path)
+        )
+
+        for key in _FILE_KEYS:
+            manifest.pop(key)
+        lr = tensors.get("lr")
+        return cls(
+            images=tensors["images"].to(device),
+            labels=tensors["labels"].to(device),
+            manifest=manifest,
+            lr=None if lr is None else lr.to(device),
+        )
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SyntheticSet",
+    "SyntheticSetError",
+    "grid_size",
+]
