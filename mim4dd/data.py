@@ -246,7 +246,7 @@ def _load_torchvision(info: DatasetInfo, roots: list[Path], download: bool):
 
     tried = list(roots)
     if info.name == "FashionMNIST":
-        debian = _debian_fashion_mnist(DEFAULT_CACHE if DEFAULT_CACHE in roots else roots[-1])
+        debian = _debian_fashion_mnist(DEFAULT_CACHE)
         if debian is not None:
             tried.append(DEBIAN_FASHION_MNIST)
             roots = [*roots, debian]
@@ -255,21 +255,21 @@ def _load_torchvision(info: DatasetInfo, roots: list[Path], download: bool):
         try:
             train_set, test_set = open_split(root, True, False), open_split(root, False, False)
             break
-        except (RuntimeError, OSError, ValueError) as exc:
-            errors.append(f"{root}: {str(exc).splitlines()[0]}")
+        except Exception as exc:  # noqa: BLE001 - any failure to read a root is reported
+            errors.append(f"{root}: {_summary(exc)}")
     else:
         if download:
             root = roots[0]
             try:
                 train_set, test_set = open_split(root, True, True), open_split(root, False, True)
             except Exception as exc:  # noqa: BLE001 - any download failure is reported the same way
-                errors.append(f"download into {root}: {type(exc).__name__}: {exc}")
+                errors.append(f"download into {root}: {_summary(exc)}")
                 train_set = None
         else:
             train_set = None
         if train_set is None:
             raise DatasetError(
-                f"dataset {info.name} not found. Roots tried: {', '.join(map(str, tried))}.\n"
+                f"dataset {info.name} not found or unreadable. Roots tried: {', '.join(map(str, tried))}.\n"
                 f"How to get it: {info.how_to_get}.\nDetails:\n  " + "\n  ".join(errors)
             )
     splits = []
@@ -280,6 +280,11 @@ def _load_torchvision(info: DatasetInfo, roots: list[Path], download: bool):
         splits.append(Split(images, torch.as_tensor(np.asarray(labels), dtype=torch.long)))
     class_names = list(getattr(train_set, "classes", [str(c) for c in range(info.num_classes)]))
     return splits[0], splits[1], class_names, root
+
+
+def _summary(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def _load_digits() -> tuple[Split, Split, list[str]]:

@@ -93,16 +93,19 @@ class Distiller:
         images, _ = self.data.sample_per_class(self.config.ipc, generator)
         return images.clone()
 
-    def step(self) -> dict[str, float]:
-        """One optimisation step over the synthetic images and the MIM heads."""
-        config, it = self.config, self.iteration
-        seed = step_seed(config.seed, it)
+    def batch(self, iteration: int) -> StepBatch:
+        """The real batch and randomness of one step; a function of (seed, iteration) alone."""
+        seed = step_seed(self.config.seed, iteration)
         generator = torch.Generator().manual_seed(seed)
-        index = self.data.by_class.sample(config.batch_real, generator).to(self.device)
-        batch = StepBatch(
+        index = self.data.by_class.sample(self.config.batch_real, generator).to(self.device)
+        return StepBatch(
             self.train_images[index], self.train_labels[index], self.images, self.syn_labels,
             generator, seed,
         )
+
+    def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = L_base + lambda * L_MIM for one batch, with its parts for logging."""
+        config = self.config
         use_mim = config.lam > 0  # lambda = 0 never touches the heads: exactly the base method
         out = self.objective.match(batch, with_features=use_mim)
         loss = out.base_loss
@@ -115,19 +118,24 @@ class Distiller:
             metrics["loss_mim"] = mim_loss.item()
             for k, block_loss in zip(config.blocks, per_block, strict=True):
                 metrics[f"loss_mim_block{k + 1}"] = block_loss.item()
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step over the synthetic images and the MIM heads."""
+        loss, metrics = self.loss(self.batch(self.iteration))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"loss became {float(loss)} at iteration {it} (base {metrics['loss_base']}, "
-                f"mim {metrics.get('loss_mim', 0.0)}); stopping before the set is corrupted. "
-                "Lower lr_img or lam."
+                f"loss became {metrics['loss']} at iteration {self.iteration} (base "
+                f"{metrics['loss_base']}, mim {metrics.get('loss_mim', 0.0)}); stopping before "
+                "the synthetic set is corrupted. Lower lr_img or lam."
             )
         self.image_optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.image_optimizer.step()
-        if use_mim:
+        if self.config.lam > 0:
             self.head_optimizer.step()
-        metrics["loss"] = loss.item()
         metrics["lr_img"] = self.image_optimizer.param_groups[0]["lr"]
         self.schedule.step()
         self.iteration += 1

@@ -1,0 +1,102 @@
+"""The MIM4DD term: the NCE critic, the heads, and lambda = 0 being exactly the base method."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from mim4dd.distill import Distiller
+from mim4dd.objectives import MIMTerm, nce_loss
+
+LABELS_SYN = torch.arange(4).repeat_interleave(2)  # 4 classes x 2 synthetic
+LABELS_REAL = torch.arange(4).repeat_interleave(5)  # 4 classes x 5 real
+
+
+def _random_unit(n, d=16, seed=0):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def test_nce_matches_a_hand_computation():
+    z_syn, z_real = _random_unit(8, seed=1), _random_unit(20, seed=2)
+    tau, r = 0.1, 15 / 5  # each synthetic image: 5 positives, 15 negatives
+    s = z_syn @ z_real.T / tau
+    h = torch.exp(s) / (torch.exp(s) + r)
+    positive = LABELS_SYN[:, None] == LABELS_REAL[None, :]
+    expected = -torch.log(h[positive]).mean() - r * torch.log(1 - h[~positive]).mean()
+    got = nce_loss(z_syn, z_real, LABELS_SYN, LABELS_REAL, tau)
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
+def test_nce_falls_when_same_class_embeddings_align():
+    prototypes = torch.eye(4, 16)  # one direction per class, orthogonal to the others
+    noise = 0.05 * torch.randn(20, 16, generator=torch.Generator().manual_seed(4))
+    aligned_real = F.normalize(prototypes[LABELS_REAL] + noise, dim=1)
+    aligned_syn = F.normalize(prototypes[LABELS_SYN] + noise[:8], dim=1)
+    aligned = nce_loss(aligned_syn, aligned_real, LABELS_SYN, LABELS_REAL, 0.1)
+    scattered = nce_loss(_random_unit(8, seed=5), _random_unit(20, seed=6), LABELS_SYN, LABELS_REAL, 0.1)
+    assert aligned < 0.5 * scattered
+
+
+def test_nce_gradient_pulls_positives_and_pushes_negatives():
+    z_syn = _random_unit(8, seed=7).requires_grad_(True)
+    z_real = _random_unit(20, seed=8)
+    positive = LABELS_SYN[:, None] == LABELS_REAL[None, :]
+    before = (z_syn @ z_real.T).detach()
+    nce_loss(F.normalize(z_syn, dim=1), z_real, LABELS_SYN, LABELS_REAL, 0.1).backward()
+    with torch.no_grad():
+        after = F.normalize(z_syn - 0.05 * z_syn.grad, dim=1) @ z_real.T
+    assert (after - before)[positive].mean() > 0
+    assert (after - before)[~positive].mean() < 0
+
+
+def test_nce_is_finite_for_extreme_scores_and_zero_without_negatives():
+    z = _random_unit(8, seed=9)
+    loss = nce_loss(z, z.clone(), LABELS_SYN, LABELS_SYN, tau=1e-4)
+    assert math.isfinite(float(loss))
+    single_class = torch.zeros(8, dtype=torch.long)
+    assert float(nce_loss(z, z, single_class, single_class, 0.1)) == 0.0
+
+
+def test_mim_term_sums_blocks():
+    term = MIMTerm([12, 6], head_dim=4, tau=0.5)
+    syn = [torch.randn(8, 12), torch.randn(8, 6)]
+    real = [torch.randn(20, 12), torch.randn(20, 6)]
+    total, per_block = term(syn, real, LABELS_SYN, LABELS_REAL)
+    assert len(per_block) == 2 and torch.allclose(total, per_block[0] + per_block[1])
+
+
+def test_gradient_reaches_images_and_heads(digits):
+    distiller = Distiller(tiny_config(lam=0.8), digits)
+    loss, metrics = distiller.loss(distiller.batch(0))
+    loss.backward()
+    assert distiller.images.grad.abs().sum() > 0
+    for head in [*distiller.mim.syn_heads, *distiller.mim.real_heads]:
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    assert set(metrics) >= {"loss", "loss_base", "loss_mim", "loss_mim_block1", "loss_mim_block3"}
+
+
+def test_lambda_zero_is_exactly_the_base_method(digits):
+    distiller = Distiller(tiny_config(lam=0.0), digits)
+    base = distiller.objective.match(distiller.batch(0), with_features=False).base_loss
+    (base_grad,) = torch.autograd.grad(base, distiller.images)
+    loss, metrics = distiller.loss(distiller.batch(0))
+    (grad,) = torch.autograd.grad(loss, distiller.images)
+    assert torch.equal(loss, base) and torch.equal(grad, base_grad)
+    assert "loss_mim" not in metrics
+    heads = [p.clone() for p in distiller.mim.parameters()]
+    distiller.step()
+    assert all(torch.equal(a, b) for a, b in zip(heads, distiller.mim.parameters()))
+    # ...while any positive lambda does change the gradient (so the check above can fail).
+    with_mim = Distiller(tiny_config(lam=0.8), digits)
+    loss, _ = with_mim.loss(with_mim.batch(0))
+    (mim_grad,) = torch.autograd.grad(loss, with_mim.images)
+    assert not torch.allclose(mim_grad, base_grad)
+
+
+def test_only_selected_blocks_get_heads(digits):
+    distiller = Distiller(tiny_config(mim_blocks=[3], mim_grid=1), digits)
+    assert len(distiller.mim.syn_heads) == 1
+    assert distiller.mim.syn_heads[0].in_features == 8  # width 8 x 1 x 1
+    _, metrics = distiller.loss(distiller.batch(0))
+    assert "loss_mim_block3" in metrics and "loss_mim_block1" not in metrics
