@@ -20,7 +20,7 @@ from mim4dd.synset import SyntheticSet, SyntheticSetError
 
 app = typer.Typer(help="MIM4DD dataset distillation engine.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths and messages stay greppable
 
 STATE_FILE = "state.pt"
 RESULTS_FILE = "results.json"

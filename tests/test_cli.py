@@ -1,0 +1,44 @@
+"""`mim4dd distill` then `mim4dd evaluate`, as a user runs them."""
+
+import json
+
+from typer.testing import CliRunner
+
+from mim4dd.cli import app
+from mim4dd.synset import SyntheticSet
+
+TINY = ["--dataset", "digits", "--ipc", "1", "--iterations", "3", "--batch-real", "8",
+        "--set", "model.width=8", "--eval-epochs", "2", "--eval-nets", "2"]
+
+
+def test_distill_then_evaluate(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "set"
+    result = runner.invoke(app, ["distill", *TINY, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {"synset.safetensors", "manifest.json", "grid.png", "results.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["evaluation"]["test_accuracies"]) == 2
+    assert results["config"]["model"]["width"] == 8
+    assert SyntheticSet.load(out).images.shape == (10, 1, 8, 8)
+
+    again = runner.invoke(app, ["distill", *TINY, "--out", str(out)])
+    assert again.exit_code == 0 and "nothing to do" in again.output
+
+    evaluated = runner.invoke(app, ["evaluate", str(out), "--epochs", "2", "--num-nets", "1"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["eval"]["num_nets"] == 1 and len(report["evaluation"]["test_accuracies"]) == 1
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["distill", "--dataset", "imagenet", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "dataset" in result.output and "allowed: MNIST" in result.output
+    result = runner.invoke(app, ["distill", "--set", "lamda=0.5", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "lamda" in result.output
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "manifest.json" in result.output
