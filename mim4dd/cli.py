@@ -14,7 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mim4dd.config import Config
 from mim4dd.data import DatasetError
-from mim4dd.distill import DistillCallback, Distiller, NonFiniteLossError
+from mim4dd.distill import DistillCallback, Distiller
+from mim4dd.objectives import DivergenceError
 from mim4dd.experiment import ExperimentResult, evaluate_synset, load_data
 from mim4dd.synset import SyntheticSet, SyntheticSetError
 
@@ -140,7 +141,7 @@ def distill(
             with console.status(f"evaluating: {config.eval.num_nets} networks x "
                                 f"{config.eval.epochs} epochs"):
                 evaluation = evaluate_synset(synset, config, data)
-    except (DatasetError, NonFiniteLossError, ValueError) as exc:
+    except (DatasetError, DivergenceError, ValueError) as exc:
         raise _fail(str(exc)) from None
     ExperimentResult(synset, evaluation).save(out)
     state_path.unlink(missing_ok=True)
@@ -179,6 +180,53 @@ def evaluate_command(
     out.write_text(json.dumps({"set": str(path), "eval": config.eval.model_dump(mode="json"),
                                "evaluation": evaluation.to_dict()}, indent=2) + "\n")
     console.print(f"test accuracy: [bold]{evaluation}[/bold]; wrote {out}")
+
+
+@app.command("experts")
+def experts_command(
+    config_file: Annotated[
+        Optional[Path], typer.Option("--config", help="YAML with Config fields")
+    ] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="dataset the experts train on")] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(help="run seed (it fixes the validation split)")
+    ] = None,
+    data_root: Annotated[Optional[str], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
+    num_experts: Annotated[
+        Optional[int], typer.Option(help="default: the config's num_experts")
+    ] = None,
+    settings: Annotated[
+        Optional[list[str]], typer.Option("--set", help="any Config field: --set model.width=64")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="buffer folder (default: expert_dir, else from the key)")
+    ] = None,
+) -> None:
+    """Train (or finish) the expert-trajectory buffer that `--set base=mtt` distillation reads."""
+    from mim4dd.experts import ExpertBufferError, expert_dir, train_experts
+
+    values = {"dataset": dataset, "seed": seed, "data_root": data_root, "device": device}
+    values.update(_parse_assignment(s) for s in settings or [])
+    config = _build_config(config_file, values)
+    count = num_experts or config.num_experts
+    epochs = config.expert_train_epochs
+    try:
+        data = load_data(config)
+        folder = out or expert_dir(config, data)
+        with _progress() as progress:
+            task = progress.add_task(f"experts {config.dataset} x{count}", total=count * epochs,
+                                     loss="", rate="")
+
+            def report(index: int, epoch: int) -> None:
+                progress.update(task, completed=index * epochs + epoch,
+                                loss=f"expert {index + 1}/{count}")
+
+            buffer = train_experts(config, count, folder, callback=report, data=data)
+    except (DatasetError, ExpertBufferError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"expert buffer ready: {buffer.count} trajectories x {buffer.epochs + 1} "
+                  f"checkpoints in {folder}")
 
 
 if __name__ == "__main__":

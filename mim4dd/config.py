@@ -41,7 +41,10 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(256, gt=0)
     dsa: bool = Field(True, description="augment with the distillation's DSA strategy")
     seed: int = Field(0, ge=0, description="network i is initialised from seed + i")
-    parallel: bool = Field(True, description="train the networks together (vmap) when possible")
+    parallel: bool | None = Field(
+        None, description="train the networks together with vmap; None = on CUDA only (on CPU "
+        "each conv already fills the cores, and vmap measured slower: see BENCHMARKS.md)",
+    )
 
 
 class Config(StrictModel):
@@ -51,11 +54,21 @@ class Config(StrictModel):
     dataset: str = "FashionMNIST"
     data_root: str | None = Field(None, description="where datasets live; default: ~/.cache/mim4dd")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="held out of train for selection")
+    split_seed: int = Field(
+        0, ge=0, description="seed of the validation hold-out; apart from `seed` so every run "
+        "seed sees the same split (and trajectory-matching experts are shared)",
+    )
     # synthetic set
     ipc: int = Field(10, gt=0, description="synthetic images per class")
     init: Literal["real", "noise"] = "real"
     # objective
-    base: Literal["dm"] = Field("dm", description="matching objective the MIM term is added to")
+    base: Literal["dm", "dc", "mtt"] = Field(
+        "dm", description="matching objective the MIM term is added to: dm, dc (DC/DSA), mtt"
+    )
+    preset: str | None = Field(
+        None, description="per dataset x IPC hyper-parameters of the base (mim4dd/presets.yaml); "
+        "fills only the fields this config does not set"
+    )
     lam: float = Field(0.8, ge=0, description="weight of the MIM term; 0 is the base method")
     tau: float = Field(0.1, gt=0, description="critic temperature")
     head_dim: int = Field(128, gt=0, description="output size of the per-block linear heads")
@@ -71,6 +84,34 @@ class Config(StrictModel):
     batch_real: int = Field(256, gt=0, description="real images per class per iteration")
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     seed: int = Field(0, ge=0)
+    # gradient matching (base dc; DSA when dsa_strategy is not 'none')
+    outer_loop: int | None = Field(
+        None, ge=1, description="image updates per freshly initialised network; None: by IPC"
+    )
+    inner_loop: int | None = Field(
+        None, ge=0, description="epochs on the synthetic set after each matching step; None: by IPC"
+    )
+    dis_metric: Literal["ours", "mse", "cos"] = Field(
+        "ours", description="gradient distance: per-output-row 1 - cos (ours), mse or cos"
+    )
+    lr_net: float = Field(0.01, gt=0, description="lr of the network trained between matches")
+    batch_train: int = Field(256, gt=0, description="batch of that network's training")
+    # trajectory matching (base mtt)
+    syn_steps: int = Field(20, ge=1, description="student steps unrolled per iteration (N)")
+    expert_epochs: int = Field(2, ge=1, description="expert epochs the student must cover (M)")
+    max_start_epoch: int = Field(20, ge=1, description="start epoch t drawn from [0, this)")
+    lr_lr: float = Field(1e-5, gt=0, description="lr of the learnable step size")
+    lr_teacher: float = Field(0.01, gt=0, description="initial learnable step size of the student")
+    syn_lr_max: float = Field(1.0, gt=0, description="a learned step size above this ends the run")
+    batch_syn: int | None = Field(None, gt=0, description="student batch; None: all images")
+    zca: bool = Field(False, description="ZCA whitening (recorded by presets; not implemented)")
+    num_experts: int = Field(100, ge=1, description="expert trajectories sampled from")
+    expert_train_epochs: int = Field(50, ge=1, description="epochs each expert is trained")
+    expert_lr: float = Field(0.01, gt=0, description="experts' SGD lr (no momentum, no decay)")
+    expert_batch: int = Field(256, gt=0, description="experts' batch size")
+    expert_dir: str | None = Field(
+        None, description="expert buffer folder; default <data cache>/experts/<key digest>"
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     model: ModelConfig = Field(default_factory=ModelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -86,6 +127,36 @@ class Config(StrictModel):
         from mim4dd.augment import validate_strategy
 
         return validate_strategy(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        # Preset values go under the user's: an explicitly set field always wins.
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from mim4dd.presets import preset_values
+
+            data = {**preset_values(data.get("base", "dm"), data["preset"]), **data}
+        return data
+
+    @model_validator(mode="after")
+    def _base_settings_fit(self) -> Config:
+        if self.zca:
+            raise ValueError(
+                "zca=True: ZCA whitening is not implemented in mim4dd; set zca: false to run "
+                "without it (the published numbers of a zca preset used it, so expect a gap)"
+            )
+        if self.base == "mtt":
+            last_target = self.max_start_epoch - 1 + self.expert_epochs
+            if last_target > self.expert_train_epochs:
+                raise ValueError(
+                    f"max_start_epoch ({self.max_start_epoch}) - 1 + expert_epochs "
+                    f"({self.expert_epochs}) = {last_target} exceeds expert_train_epochs "
+                    f"({self.expert_train_epochs}): targets past the trajectory's end"
+                )
+            if self.model.norm == "batch":
+                raise ValueError("base mtt needs model.norm instance or none: an unrolled "
+                                 "functional student keeps no batch-norm running statistics")
+        return self
 
     @model_validator(mode="after")
     def _blocks_exist(self) -> Config:

@@ -185,6 +185,11 @@ def load_dataset(
     return RealData(info, train, val, test, class_names, root)
 
 
+def load_for(config) -> RealData:
+    """The data a `Config` names (duck-typed: the config module imports this one)."""
+    return load_dataset(config.dataset, config.data_root, config.val_fraction, config.split_seed)
+
+
 def _normalise(split: Split, info: DatasetInfo) -> Split:
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)

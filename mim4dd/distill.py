@@ -14,16 +14,16 @@ import numpy as np
 import torch
 
 from mim4dd.config import Config
-from mim4dd.data import RealData, load_dataset
+from mim4dd.data import RealData, load_for
 from mim4dd.models import block_shapes
-from mim4dd.objectives import BASES, MIMTerm, StepBatch
+from mim4dd.objectives import BASES, DivergenceError, MIMTerm, StepBatch
 from mim4dd.synset import SyntheticSet
 
 STATE_VERSION = 1
 INIT_STREAM = 1  # the initial images draw from their own stream, apart from the steps
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DivergenceError):
     """The loss became NaN or infinite; the run stops instead of writing a broken set."""
 
 
@@ -53,9 +53,7 @@ class Distiller:
     def __init__(self, config: Config, data: RealData | None = None):
         self.config = config
         self.device = resolve_device(config.device)
-        self.data = data or load_dataset(
-            config.dataset, config.data_root, config.val_fraction, seed=config.seed
-        )
+        self.data = data or load_for(config)
         info = self.data.info
         self.objective = BASES[config.base](config, self.data, self.device)
         self.train_images = self.data.train.images.to(self.device)
@@ -100,7 +98,7 @@ class Distiller:
         index = self.data.by_class.sample(self.config.batch_real, generator).to(self.device)
         return StepBatch(
             self.train_images[index], self.train_labels[index], self.images, self.syn_labels,
-            generator, seed,
+            generator, seed, iteration,
         )
 
     def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -121,9 +119,17 @@ class Distiller:
         metrics["loss"] = loss.item()
         return loss, metrics
 
+    def _trained_tensors(self) -> list[torch.Tensor]:
+        """The leaves the total loss trains; anything else in the graph (a network's weights,
+        an unrolled student's start) gets no gradient computed at all."""
+        heads = list(self.mim.parameters()) if self.config.lam > 0 else []
+        return [self.images, *heads, *self.objective.parameters()]
+
     def step(self) -> dict[str, float]:
-        """One optimisation step over the synthetic images and the MIM heads."""
-        loss, metrics = self.loss(self.batch(self.iteration))
+        """One optimisation step over the synthetic images, the MIM heads and the objective's
+        own parameters; then the objective's own update (`after_backward`)."""
+        batch = self.batch(self.iteration)
+        loss, metrics = self.loss(batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {metrics['loss']} at iteration {self.iteration} (base "
@@ -132,10 +138,22 @@ class Distiller:
             )
         self.image_optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        trained = self._trained_tensors()
+        for tensor in self.objective.parameters():
+            tensor.grad = None
+        loss.backward(inputs=trained)
+        if not all(torch.isfinite(t.grad).all() for t in trained if t.grad is not None):
+            raise NonFiniteLossError(
+                f"a gradient became NaN or infinite at iteration {self.iteration} (loss "
+                f"{metrics['loss']}); stopping before the synthetic set is corrupted."
+            )
         self.image_optimizer.step()
         if self.config.lam > 0:
             self.head_optimizer.step()
+        self.objective.after_backward(batch)  # may raise DivergenceError (a bad step size)
+        learned_lr = self.objective.learned_lr()
+        if learned_lr is not None:
+            metrics["syn_lr"] = float(learned_lr)
         metrics["lr_img"] = self.image_optimizer.param_groups[0]["lr"]
         self.schedule.step()
         self.iteration += 1
@@ -163,6 +181,7 @@ class Distiller:
             class_names=self.data.class_names, mean=info.mean, std=info.std,
             config=self.config.model_dump(mode="json"),
             eval_protocol=self.config.eval.model_dump(mode="json"),
+            lr=self.objective.learned_lr(),  # a learned step size travels with the set
             extra={"iterations_done": self.iteration},
         )
 
@@ -184,8 +203,9 @@ class Distiller:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"distillation state version {state.get('version')} is not {STATE_VERSION}")
         saved = Config.model_validate(state["config"])
-        # Where it runs, how long it goes on and how it is evaluated may change on resume.
-        free = {"device", "iterations", "eval"}
+        # Where it runs, how long it goes on, how it is evaluated and where the (key-checked)
+        # expert buffer lives may change on resume.
+        free = {"device", "iterations", "eval", "expert_dir"}
         if saved.model_dump(exclude=free) != self.config.model_dump(exclude=free):
             raise ValueError("this state was saved by a run with a different config")
         with torch.no_grad():

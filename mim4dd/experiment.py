@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mim4dd.config import Config
-from mim4dd.data import RealData, load_dataset
+from mim4dd.data import RealData, load_for
 from mim4dd.distill import DistillCallback, Distiller, resolve_device
 from mim4dd.evaluate import EvalResult, Evaluator
 from mim4dd.synset import SyntheticSet
@@ -38,7 +38,7 @@ class ExperimentResult:
 
 
 def load_data(config: Config) -> RealData:
-    return load_dataset(config.dataset, config.data_root, config.val_fraction, seed=config.seed)
+    return load_for(config)
 
 
 def evaluator_for(config: Config, data: RealData) -> Evaluator:

@@ -1,4 +1,9 @@
-"""The interface every matching objective (DM, and later DC/DSA and MTT) implements."""
+"""The interface every matching objective (DM, DC/DSA, MTT) implements.
+
+One Distiller step is: `match` (base loss, and the MIM term's features) -> backward of the total
+loss into the images, the MIM heads and the objective's own `parameters()` -> image and head
+updates -> `after_backward` (the objective steps its own optimiser, trains its network, ...).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,12 @@ class StepBatch:
     syn_labels: torch.Tensor
     generator: torch.Generator  # the step's own randomness: network init, DSA parameters
     seed: int  # the step's seed, for anything that needs an integer (fresh network weights)
+    iteration: int = 0  # which step this is (objectives with schedules of their own need it)
+
+
+class DivergenceError(FloatingPointError):
+    """The optimisation left its sane range (a non-finite loss, a step size gone negative or
+    exploding); the run stops with the reason instead of writing a broken set."""
 
 
 @dataclass
@@ -46,7 +57,25 @@ class MatchingObjective(ABC):
     def match(self, batch: StepBatch, with_features: bool) -> MatchOutput:
         """Base loss for this step; with_features asks for the MIM term's feature taps."""
 
-    # Objectives that carry state across steps (a network being trained, an expert cursor)
+    def parameters(self) -> list[torch.Tensor]:
+        """Leaf tensors of the objective trained on the total loss (MTT's step size).
+
+        The Distiller back-propagates into them and `after_backward` steps them.
+        """
+        return []
+
+    def after_backward(self, batch: StepBatch) -> None:
+        """Called once the images were updated: step own optimisers, train own networks.
+
+        May raise DivergenceError. Randomness comes from `batch.generator` only.
+        """
+        del batch
+
+    def learned_lr(self) -> torch.Tensor | None:
+        """A step size learned with the images, saved with the set and used by evaluation."""
+        return None
+
+    # Objectives that carry state across steps (a network being trained, a learned step size)
     # override these so a resumed run continues exactly.
     def state_dict(self) -> dict:
         return {}
