@@ -30,10 +30,8 @@ from typing import Any
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-import torchvision
 from safetensors import SafetensorError
 from torch.utils.data import TensorDataset
-from torchvision.utils import make_grid, save_image
 
 FORMAT_VERSION = 1
 
@@ -226,7 +224,7 @@ class SyntheticSet:
             "versions": {
                 "mim4dd": _mim4dd_version(),
                 "torch": torch.__version__,
-                "torchvision": torchvision.__version__,
+                "torchvision": metadata.version("torchvision"),
                 "python": platform.python_version(),
             },
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -322,6 +320,9 @@ class SyntheticSet:
         scale = max(1, GRID_MIN_CELL // min(height, width))
         if scale > 1:
             images = F.interpolate(images, scale_factor=scale, mode="nearest")
+        # Imported here: torchvision pulls in torch._dynamo, ~3 s per process that loads a set.
+        from torchvision.utils import make_grid, save_image
+
         grid = make_grid(images, nrow=max(1, self.ipc), padding=GRID_PADDING)
         save_image(grid, path, format="png")
 

@@ -1,0 +1,209 @@
+"""`mim4dd-sweep`: launch a sweep file, watch it, read its table, pull a distilled set back.
+
+The commands parse arguments and print; the work is in `orchestrator.service`. Heavy imports
+(Ray, MLflow) happen inside the commands, so a bad sweep file fails fast and starts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from orchestrator.spec import SpecError, load_spec
+
+app = typer.Typer(
+    name="mim4dd-sweep", no_args_is_help=True, add_completion=False,
+    help="Run MIM4DD distillation sweeps on Ray Tune, tracked in MLflow.",
+)
+out = Console(soft_wrap=True)  # long keys, URIs and run ids stay on one line
+err = Console(stderr=True)
+
+TrackingUri = Annotated[str | None, typer.Option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_default=False,
+    help="MLflow tracking URI (default: the embedded store in $MIM4DD_HOME or ./.mim4dd).",
+)]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(message, err=True)  # plain echo: rich would read "[1]" in messages as markup
+    return typer.Exit(code)
+
+
+def _table(rows: list[dict[str, Any]], title: str = "") -> Table:
+    table = Table(title=title or None)
+    for column in rows[0] if rows else []:
+        table.add_column(str(column))
+    for row in rows:
+        table.add_row(*("" if v is None else escape(str(v)) for v in row.values()))
+    return table
+
+
+@app.command()
+def launch(
+    spec_file: Annotated[Path, typer.Argument(help="The sweep YAML file.")],
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address (default: the file's ray_address, $RAY_ADDRESS, or a local "
+             "in-process cluster).")] = None,
+    tracking_uri: TrackingUri = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate and list the trials; start and log nothing.")] = False,
+) -> None:
+    """Run every unfinished trial of a sweep; relaunching resumes it."""
+    try:
+        spec = load_spec(spec_file, address=address, tracking_uri=tracking_uri)
+    except SpecError as exc:
+        raise _fail(f"invalid sweep file {spec_file}:\n{exc}", 2) from None
+
+    from orchestrator.service import launch as run_sweep
+
+    outcome = run_sweep(spec, dry_run=dry_run, progress=True, console=err)
+    if dry_run:
+        out.print(_table(outcome.table, f"{spec.name}: {outcome.total} trials (dry run)"))
+        return
+    if outcome.summary is not None and not outcome.summary.empty:
+        _print_summary(outcome.summary, spec.name)
+    out.print(
+        f"[bold]{spec.name}[/]: {outcome.status}; {len(outcome.finished)}/{outcome.total} "
+        f"finished ({len(outcome.skipped)} before this launch), {len(outcome.failed)} failed, "
+        f"{len(outcome.unfinished)} unfinished{'; resumed Tune experiment' * outcome.resumed}"
+    )
+    for key, reason in outcome.failed.items():
+        out.print(f"  [red]failed[/] {escape(key)}: {escape(reason)}", highlight=False)
+    out.print(f"tracking: {outcome.tracking_uri}  parent run: {outcome.parent_run_id}")
+    if outcome.failed or outcome.unfinished:
+        out.print("run the same command again to retry failed and resume unfinished trials")
+        raise typer.Exit(1)
+
+
+def _print_summary(summary: Any, name: str) -> None:
+    from orchestrator.aggregate import cell_axes
+
+    def pm(row: Any, kind: str) -> str:
+        return f"{row[f'{kind}_mean_pct']:.2f} ± {row[f'{kind}_std_pct']:.2f}"
+
+    rows = []
+    for row in summary.to_dict("records"):  # records keep ints as ints, unlike iterrows
+        rows.append({
+            **{axis: row[axis] for axis in cell_axes(summary)},
+            "seeds": int(row["n_seeds"]),
+            "acc % seed-level": pm(row, "seed_level"),
+            "acc % pooled nets": pm(row, "pooled"),
+            "nets": int(row["n_nets"]),
+        })
+    out.print(_table(rows, f"{name}: test accuracy (mean ± std)"))
+
+
+@app.command()
+def status(
+    name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,
+) -> None:
+    """Trials done / running / failed, with each trial's progress, from MLflow."""
+    from orchestrator.service import sweep_status
+
+    try:
+        report = sweep_status(name, tracking_uri)
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    out.print(
+        f"[bold]{escape(name)}[/] ({report.run_status}): "
+        f"{report.count('FINISHED')}/{report.total} done, "
+        f"{report.count('RUNNING')} running, {report.count('KILLED')} interrupted, "
+        f"{report.count('FAILED')} failed, "
+        f"{report.pending} not started"
+    )
+    rows = [{
+        "trial": t["key"], "status": t["status"],
+        "progress": f"{t['iteration']}/{t['iterations']}",
+        "test acc %": "" if t["test_acc"] is None else f"{100 * t['test_acc']:.2f}",
+        "failure": t["failure"][:80],
+    } for t in report.trials]
+    if rows:
+        out.print(_table(rows))
+
+
+@app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,
+) -> None:
+    """The aggregated accuracy table of a sweep (mean ± std per grid cell)."""
+    from orchestrator.service import sweep_report
+
+    try:
+        summary = sweep_report(name, tracking_uri)
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    if summary.empty:
+        raise _fail(f"sweep {name!r} has no finished trials yet")
+    _print_summary(summary, name)
+    out.print("seed-level: mean ± std over seeds of each seed's mean over its networks; "
+              "pooled: over every network of every seed (population std).")
+
+
+def _where(items: list[str]) -> dict[str, Any]:
+    from orchestrator.tracking import parse_value
+
+    values = {}
+    for item in items:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise _fail(f"--where takes PATH=VALUE, got {item!r}", 2)
+        values[path.strip()] = parse_value(text.strip())
+    return values
+
+
+@app.command()
+def pull(
+    target: Annotated[str, typer.Argument(help="A trial's MLflow run id, or a sweep name.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the set into.")],
+    dataset: Annotated[str | None, typer.Option(
+        help="With a sweep name: the trial's dataset.")] = None,
+    ipc: Annotated[int | None, typer.Option(help="... its images per class.")] = None,
+    lam: Annotated[float | None, typer.Option(help="... its MIM weight lambda.")] = None,
+    seed: Annotated[int | None, typer.Option(help="... its seed.")] = None,
+    where: Annotated[list[str] | None, typer.Option(
+        help="... any other setting, PATH=VALUE (repeatable), e.g. eval.epochs=300.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Download a trial's synthetic set, verify its checksum, and say how to load it."""
+    from orchestrator.service import pull_set
+
+    values = {"dataset": dataset, "ipc": ipc, "lam": lam, "seed": seed, **_where(where or [])}
+    try:
+        folder, run_id = pull_set(target, out_dir, tracking_uri, values)
+    except (LookupError, ValueError) as exc:  # SyntheticSetError is a ValueError
+        raise _fail(f"cannot pull {target}: {exc}") from None
+    except Exception as exc:  # MLflow: unknown run id, unreachable server
+        raise _fail(f"cannot pull {target}: {type(exc).__name__}: {exc}") from None
+    out.print(f"pulled run {run_id} to {folder} (sha256 verified)")
+    out.print("load it with:\n"
+              "    from mim4dd.synset import SyntheticSet\n"
+              f"    dataset = SyntheticSet.load({str(folder)!r}).to_dataset()", highlight=False)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Address to bind (local only by default).")] =
+        "127.0.0.1",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Open the MLflow UI on the embedded store (runs `mlflow ui`)."""
+    from orchestrator import tracking
+    from orchestrator.service import ui_command
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if not tracking.is_embedded(uri):
+        raise _fail(f"{uri} is a tracking server already: open it in a browser")
+    command = ui_command(uri, host, port)
+    err.print(f"MLflow UI on http://{host}:{port} for {uri}")
+    os.execv(command[0], command)  # replace this process: Ctrl-C stops the UI directly
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,125 @@
+"""Sweep aggregation on hand-computed inputs (no Ray, no MLflow store)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+pytest.importorskip("mlflow")
+from orchestrator import aggregate, tracking  # noqa: E402
+
+# lam=0:   seed 0 nets (.5, .7) -> .6;  seed 1 (.8, .8) -> .8
+# lam=0.8: seed 0 (.9, .9) -> .9;  seed 1 (.6, .8) -> .7;  seed 2 (.8, 1.0) -> .9
+ACCURACIES = {
+    (0.0, 0): [0.5, 0.7], (0.0, 1): [0.8, 0.8],
+    (0.8, 0): [0.9, 0.9], (0.8, 1): [0.6, 0.8], (0.8, 2): [0.8, 1.0],
+}
+
+
+def frame(accuracies=ACCURACIES) -> pd.DataFrame:
+    rows = []
+    for (lam, seed), nets in accuracies.items():
+        row = {"trial_key": f"lam={lam:g},seed={seed}", "lam": lam, "seed": seed}
+        row |= {f"test_acc_net{i}": a for i, a in enumerate(nets)}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_seed_level_and_pooled_by_hand():
+    summary = aggregate.summarize(frame(), ["lam", "seed"])
+    assert list(summary.columns) == ["lam", *aggregate.SUMMARY_COLUMNS]
+    rows = summary.to_dict("records")
+    # lam=0: per-seed means .6, .8 -> 70 ± 10; pooled .5 .7 .8 .8 -> 70 ± sqrt(.015)
+    assert rows[0] == pytest.approx({
+        "lam": 0.0, "n_seeds": 2, "n_nets": 4,
+        "seed_level_mean_pct": 70.0, "seed_level_std_pct": 10.0,
+        "pooled_mean_pct": 70.0, "pooled_std_pct": 100 * math.sqrt(0.015),
+    })
+    # lam=0.8: per-seed .9 .7 .9 -> 83.33 ± 100*sqrt(.02667/3);
+    # pooled .9 .9 .6 .8 .8 1.0 -> 83.33 ± 100*sqrt(.09333/6)
+    assert rows[1] == pytest.approx({
+        "lam": 0.8, "n_seeds": 3, "n_nets": 6,
+        "seed_level_mean_pct": 250 / 3, "seed_level_std_pct": 100 * math.sqrt(0.08 / 9),
+        "pooled_mean_pct": 250 / 3, "pooled_std_pct": 100 * math.sqrt(0.28 / 18),
+    })
+
+
+def test_two_axes_a_missing_network_and_no_axis():
+    rows = [
+        {"dataset": "digits", "lam": 0.8, "seed": 0, "test_acc_net0": 0.4, "test_acc_net1": 0.6},
+        {"dataset": "digits", "lam": 0.8, "seed": 1, "test_acc_net0": 0.2,
+         "test_acc_net1": float("nan")},
+        {"dataset": "MNIST", "lam": 0.8, "seed": 0, "test_acc_net0": 0.9, "test_acc_net1": 0.9},
+    ]
+    summary = aggregate.summarize(pd.DataFrame(rows), ["dataset", "lam", "seed"])
+    by_dataset = {r["dataset"]: r for r in summary.to_dict("records")}
+    digits = by_dataset["digits"]
+    # seed 0 -> .5, seed 1 -> .2 (its one network) -> 35 ± 15; pooled .4 .6 .2 -> 40 ± 16.33
+    assert (digits["n_seeds"], digits["n_nets"]) == (2, 3)
+    assert digits["seed_level_mean_pct"] == pytest.approx(35.0)
+    assert digits["seed_level_std_pct"] == pytest.approx(15.0)
+    assert digits["pooled_mean_pct"] == pytest.approx(40.0)
+    assert digits["pooled_std_pct"] == pytest.approx(100 * math.sqrt(0.08 / 3))
+    assert by_dataset["MNIST"]["seed_level_std_pct"] == 0.0
+
+    # a sweep over seeds only is one cell
+    only = aggregate.summarize(frame({(0.8, 0): [0.5, 0.7], (0.8, 1): [0.8, 0.8]}), ["seed"])
+    assert list(only.columns) == aggregate.SUMMARY_COLUMNS
+    assert only.iloc[0]["seed_level_mean_pct"] == pytest.approx(70.0)
+
+
+def fake_run(key, overrides, params, accuracies, start, status="FINISHED"):
+    tags = {tracking.TAG_KEY: key, tracking.TAG_OVERRIDES: json.dumps(overrides)}
+    metrics = {f"eval/test_acc_net{i}": a for i, a in enumerate(accuracies)}
+    metrics["eval/test_acc_mean"] = sum(accuracies) / len(accuracies)
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=f"id-{key}-{start}", status=status, start_time=start),
+        data=SimpleNamespace(tags=tags, params=params, metrics=metrics),
+    )
+
+
+def test_trial_frame_from_runs():
+    runs = [
+        fake_run("lam=0,seed=0", {"lam": 0.0, "seed": 0}, {"lam": "0.0", "seed": "0"},
+                 [0.1, 0.2], start=1),
+        # the same trial ran again with a changed config: the newest finished run counts
+        fake_run("lam=0,seed=0", {"lam": 0.0, "seed": 0}, {"lam": "0.0", "seed": "0"},
+                 [0.5, 0.7], start=2),
+        fake_run("lam=0.8,seed=0", {"lam": 0.8, "seed": 0}, {"lam": "0.8", "seed": "0"},
+                 [0.9, 0.9], start=1),
+        fake_run("lam=0.8,seed=1", {"lam": 0.8, "seed": 1}, {}, [0.0, 0.0], 1, "FAILED"),
+        # an `include` trial that sets only the seed: its lam comes from its logged config
+        fake_run("seed=7", {"seed": 7}, {"lam": "0.8", "seed": "7"}, [0.6, 0.8], start=1),
+        fake_run("x", {"lr_milestones": [1, 2]}, {"lam": "0.8", "seed": "0"}, [0.5], start=1),
+    ]
+    table, axes = aggregate.trial_frame(runs)
+    assert axes == ["lam", "seed", "lr_milestones"]
+    rows = {r["trial_key"]: r for r in table.to_dict("records")}
+    assert set(rows) == {"lam=0,seed=0", "lam=0.8,seed=0", "seed=7", "x"}
+    assert rows["lam=0,seed=0"]["test_acc_net1"] == 0.7
+    assert rows["seed=7"]["lam"] == 0.8 and rows["seed=7"]["seed"] == 7
+    assert rows["x"]["lr_milestones"] == "[1, 2]"  # lists become text, so cells can group
+    assert math.isnan(rows["x"]["test_acc_net1"])
+
+
+def test_report_files(tmp_path):
+    two_axes = frame()
+    two_axes["dataset"] = ["digits", "MNIST", "digits", "MNIST", "digits"]
+    summary = aggregate.summarize(two_axes, ["dataset", "lam", "seed"])
+    files = aggregate.write_report(two_axes, summary, tmp_path, "demo")
+    names = sorted(p.name for p in files)
+    # a plot for the numeric axis, none for the dataset names
+    assert names == ["accuracy_vs_lam.png", "summary.csv", "summary.md", "trials.csv"]
+    assert pd.read_csv(tmp_path / "summary.csv").shape == (len(summary), 8)
+    markdown = (tmp_path / "summary.md").read_text().splitlines()
+    assert markdown[0] == "# demo"
+    assert markdown[2].startswith("| dataset | lam | seeds | test acc % seed-level")
+    # digits, lam 0.8: seeds 0 and 2, both .9; pooled .9 .9 .8 1.0 -> 90 ± sqrt(.005)
+    assert "| digits | 0.8 | 2 | 90.00 ± 0.00 | 90.00 ± 7.07 | 4 |" in markdown
+    with Image.open(tmp_path / "accuracy_vs_lam.png") as image:
+        assert image.format == "PNG" and image.size[0] > 100

@@ -1,0 +1,179 @@
+"""A sweep on a two-node Ray cluster logging to an MLflow tracking server over HTTP.
+
+Both nodes and the server run on this machine, but nothing is shared in-process: the sweep
+is launched by the CLI in its own process with `--address` and `--tracking-uri`, its trials
+run on whichever node Ray picks (one CPU per node, so two trials need both), every trial logs
+and uploads its set through the server's artifact proxy, and the set is pulled back over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("mlflow")
+from mlflow import MlflowClient  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from mim4dd.synset import SyntheticSet  # noqa: E402
+from orchestrator import service, tracking  # noqa: E402
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes in /proc"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def session_pids(session: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a process started in its own session, and everything it started."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    for _ in range(50):  # its workers, whatever process group they chose
+        pids = session_pids(process.pid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A private Ray temp dir (short: it holds unix sockets), so this cluster's address file
+    # never makes another process's plain `ray.init()` join it.
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", *service.RAY_ENV)}
+    os.environ["RAY_TMPDIR"] = temp
+    for name, value in service.RAY_ENV.items():
+        os.environ.setdefault(name, value)
+    nodes = Cluster(initialize_head=True,
+                    head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()
+        yield nodes
+    finally:
+        nodes.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = (root / "server.log").read_text()
+                raise RuntimeError(f"mlflow server did not start:\n{output}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop(process)
+        log.close()
+
+
+def test_sweep_on_two_nodes_with_tracking_server(cluster, mlflow_server, tmp_path):
+    spec = {
+        "name": "cluster",
+        "base": {"dataset": "digits", "model": {"width": 8}, "iterations": 60,
+                 "batch_real": 16, "ipc": 1, "eval": {"epochs": 30, "lr": 0.1, "num_nets": 2}},
+        "grid": {"seed": [0, 1]},
+        "resources": {"cpu": 1},
+        "checkpoint_every": 20,
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    home = tmp_path / "home"
+    env = {**os.environ, tracking.HOME_ENV: str(home)}
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+
+    launched = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "launch", str(path),
+         "--address", cluster.address, "--tracking-uri", mlflow_server],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    assert "2/2 finished" in launched.stdout
+    assert not (home / "mlflow.db").exists()  # everything went to the server
+
+    client = MlflowClient(mlflow_server)
+    parent = tracking.find_sweep_run(client, "cluster")
+    children = tracking.child_runs(client, parent)
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.tags[tracking.TAG_KEY] for r in children) == ["seed=0", "seed=1"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    # proxied artifacts: uploaded through the server, not written by path
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in children)
+
+    node_ids = {n.node_id for n in cluster.list_all_nodes()}
+    used = {r.data.tags["mim4dd.node_id"] for r in children}
+    assert len(node_ids) == 2 and used == node_ids  # one trial on each node
+
+    folder = tracking.pull(children[0].info.run_id, tmp_path / "pulled", mlflow_server)
+    synset = SyntheticSet.load(folder)
+    assert len(synset.to_dataset()) == 10
+    assert synset.manifest["config"]["seed"] == int(children[0].data.params["seed"])

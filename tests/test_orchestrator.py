@@ -1,0 +1,385 @@
+"""The sweep service end to end: real Ray Tune, real MLflow, tiny real data.
+
+One local Ray cluster serves the in-process tests of this module; every test gets its own
+MLflow store (MIM4DD_HOME in tmp_path). Trials distill scikit-learn's 8x8 digits with an
+8-channel ConvNet for a handful of iterations, so each takes about a second of compute.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("mlflow")
+from mlflow import MlflowClient  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from mim4dd.synset import SyntheticSet  # noqa: E402
+from orchestrator import service, tracking  # noqa: E402
+from orchestrator.cli import app  # noqa: E402
+from orchestrator.spec import load_spec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "dataset": "digits",
+    "model": {"width": 8},
+    "iterations": 6,
+    "batch_real": 16,
+    "ipc": 1,
+    "eval": {"epochs": 30, "lr": 0.1, "num_nets": 2},
+}
+
+
+def write_spec(path: Path, name: str, grid: dict, **fields) -> Path:
+    spec = {"name": name, "base": {**TINY, **fields.pop("base", {})}, "grid": grid, **fields}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow database: copying it saves each test MLflow's ~8 s setup."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, template_db) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(template_db, home / "mlflow.db")
+    monkeypatch.setenv(tracking.HOME_ENV, str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return home
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    for name, value in service.RAY_ENV.items():
+        os.environ.setdefault(name, value)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+        runtime_env={"env_vars": dict(service.RAY_ENV)},
+    )
+    yield
+    ray.shutdown()
+
+
+def sweep_runs(uri: str, name: str):
+    client = MlflowClient(uri)
+    parent = tracking.find_sweep_run(client, name)
+    return client, parent, tracking.child_runs(client, parent) if parent else []
+
+
+def net_accuracies(run) -> list[float]:
+    metrics = run.data.metrics
+    return [metrics[f"eval/test_acc_net{i}"] for i in range(2)]
+
+
+@pytest.mark.slow
+def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
+    spec = load_spec(write_spec(tmp_path / "grid.yaml", "grid", {"lam": [0, 0.8], "seed": [0, 1]},
+                                checkpoint_every=3))
+    outcome = service.launch(spec, progress=False)
+
+    assert outcome.status == "FINISHED"
+    assert sorted(outcome.finished) == sorted(t.key for t in spec.trials())
+    assert not outcome.failed and not outcome.unfinished
+
+    uri = tracking.resolve_tracking_uri()
+    assert uri == f"sqlite:///{home / 'mlflow.db'}"
+    client, parent, children = sweep_runs(uri, "grid")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tracking.TAG_ROLE] == "sweep"
+    assert parent.data.tags[service.TAG_FINISHED] == "4"
+    assert client.get_experiment(parent.info.experiment_id).name == "mim4dd"
+    assert len(children) == 4
+    assert sorted(r.data.tags[tracking.TAG_KEY] for r in children) == sorted(outcome.finished)
+    for run in children:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        assert run.info.status == "FINISHED"
+        assert tags[tracking.TAG_PARENT] == parent.info.run_id
+        assert tags[tracking.TAG_SWEEP] == "grid"
+        assert tags["mim4dd.version.torch"] and tags["mim4dd.version.ray"] == ray.__version__
+        assert tags["mim4dd.version.mlflow"] and tags["mim4dd.version.mim4dd"]
+        assert tracking.TAG_FAILURE not in tags
+        # the full resolved config, flattened with dotted keys
+        assert params["dataset"] == "digits" and params["eval.epochs"] == "30"
+        assert params["model.width"] == "8" and params["lr_milestones"] == "[1800, 2800]"
+        lam = float(params["lam"])
+        assert tags[tracking.TAG_KEY] == f"lam={lam:g},seed={params['seed']}"
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, 7))
+        assert ("loss_mim" in metrics) == (lam > 0) and ("loss_mim_block3" in metrics) == (lam > 0)
+        assert "loss_base" in metrics
+        accs = net_accuracies(run)
+        assert metrics["eval/test_acc_mean"] == pytest.approx(np.mean(accs))
+        assert metrics["eval/test_acc_std"] == pytest.approx(np.std(accs))
+        assert {"eval/val_acc_net0", "eval/val_acc_net1"} <= set(metrics)
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert names == {"synset", "results.json"}
+        synset_files = {a.path for a in client.list_artifacts(run.info.run_id, "synset")}
+        assert synset_files == {"synset/synset.safetensors", "synset/manifest.json",
+                                "synset/grid.png"}
+
+    # the aggregate: by hand from the logged per-network accuracies
+    expected = {}
+    for lam in (0.0, 0.8):
+        runs = [r for r in children if float(r.data.params["lam"]) == lam]
+        per_seed = [np.mean(net_accuracies(r)) for r in runs]
+        pooled = [a for r in runs for a in net_accuracies(r)]
+        expected[lam] = [2, 4, 100 * np.mean(per_seed), 100 * np.std(per_seed),
+                         100 * np.mean(pooled), 100 * np.std(pooled)]
+    for summary in (outcome.summary, _logged_summary(client, parent.info.run_id, tmp_path)):
+        assert list(summary.columns) == ["lam", "n_seeds", "n_nets", "seed_level_mean_pct",
+                                         "seed_level_std_pct", "pooled_mean_pct",
+                                         "pooled_std_pct"]
+        for row in summary.to_dict("records"):
+            assert list(row.values())[1:] == pytest.approx(expected[row["lam"]])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "aggregate")}
+    assert {"aggregate/summary.csv", "aggregate/summary.md", "aggregate/trials.csv",
+            "aggregate/accuracy_vs_lam.png", "aggregate/summary.json"} <= artifacts
+
+    # pull by run id (API) and by grid values (CLI); both verified and loadable
+    target = next(r for r in children if r.data.tags[tracking.TAG_KEY] == "lam=0.8,seed=1")
+    folder = tracking.pull(target.info.run_id, tmp_path / "pulled")
+    dataset = SyntheticSet.load(folder).to_dataset()
+    assert len(dataset) == 10 and dataset[0][0].shape == (1, 8, 8)
+    result = CliRunner().invoke(app, ["pull", "grid", "--lam", "0.8", "--seed", "1",
+                                      "--out", str(tmp_path / "cli-pulled")])
+    assert result.exit_code == 0, result.output
+    assert target.info.run_id in result.output and "SyntheticSet.load(" in result.output
+    assert SyntheticSet.load(tmp_path / "cli-pulled").manifest["config"]["lam"] == 0.8
+
+    # status and report read the same store
+    status = CliRunner().invoke(app, ["status", "grid"])
+    assert status.exit_code == 0 and "4/4 done" in status.output, status.output
+    report = CliRunner().invoke(app, ["report", "grid"])
+    assert report.exit_code == 0 and "seed-level" in report.output, report.output
+
+    # a relaunch of a finished sweep re-runs nothing and adds no run
+    again = service.launch(spec, progress=False)
+    assert sorted(again.skipped) == sorted(outcome.finished) and again.status == "FINISHED"
+    assert len(sweep_runs(uri, "grid")[2]) == 4
+    assert len(tracking.search_all(client, [parent.info.experiment_id],
+                                   "tags.`mim4dd.role` = 'sweep'")) == 1
+
+
+def _logged_summary(client, run_id: str, tmp_path: Path) -> pd.DataFrame:
+    path = client.download_artifacts(run_id, "aggregate/summary.csv", str(tmp_path))
+    return pd.read_csv(path)
+
+
+@pytest.mark.slow
+def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
+    # lr_img 1e30 blows the images up: the engine's NaN guard raises at iteration 1.
+    spec = load_spec(write_spec(tmp_path / "fail.yaml", "fail", {"lr_img": [0.1, 1e30]},
+                                retries=1, checkpoint_every=2))
+    outcome = service.launch(spec, progress=False)
+
+    assert outcome.status == "FINISHED"  # a partial failure keeps the sweep FINISHED
+    assert outcome.finished == ["lr_img=0.1"]
+    assert list(outcome.failed) == ["lr_img=1e+30"]
+    assert "NonFiniteLossError" in outcome.failed["lr_img=1e+30"]
+
+    client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "fail")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[service.TAG_FAILED] == "1"
+    assert parent.data.tags[service.TAG_FINISHED] == "1"
+    by_key = {r.data.tags[tracking.TAG_KEY]: r for r in children}
+    assert len(children) == 2 and set(by_key) == {"lr_img=0.1", "lr_img=1e+30"}
+    bad = by_key["lr_img=1e+30"]
+    assert bad.info.status == "FAILED"
+    assert "NonFiniteLossError" in bad.data.tags[tracking.TAG_FAILURE]
+    assert bad.data.tags[tracking.TAG_ATTEMPT] == "2"  # retried once, in the same child run
+    assert by_key["lr_img=0.1"].info.status == "FINISHED"
+    assert tracking.TAG_FAILURE not in by_key["lr_img=0.1"].data.tags
+
+
+def session_pids(session: int) -> list[int]:
+    """Processes of a session (Ray puts its workers in their own process groups)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if fields[0] != "Z" and int(fields[3]) == session:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL a process started with start_new_session and everything in its session."""
+    for _ in range(50):
+        pids = session_pids(process.pid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    process.wait()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", *args]
+
+
+def _env(home: Path) -> dict:
+    env = {**os.environ, tracking.HOME_ENV: str(home)}
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes in /proc")
+def test_kill_and_relaunch_resumes_from_checkpoints(home, tmp_path):
+    path = write_spec(tmp_path / "resume.yaml", "resume", {"iterations": [4, 600]},
+                      checkpoint_every=10)
+    env, log = _env(home), open(tmp_path / "first.log", "w")
+    command = _cli("launch", str(path))
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    client = MlflowClient(tracking.resolve_tracking_uri())
+    trial_dirs = home / "ray_results" / "resume"
+
+    def short_done_and_long_checkpointed() -> bool:
+        parent = tracking.find_sweep_run(client, "resume")
+        runs = {r.data.tags[tracking.TAG_KEY]: r
+                for r in (tracking.child_runs(client, parent) if parent else [])}
+        short, long = runs.get("iterations=4"), runs.get("iterations=600")
+        if not (short and long and short.info.status == "FINISHED"):
+            return False
+        # checkpoint_000002 or later: Tune has recorded an earlier one in its saved state
+        checkpoints = [int(p.name.split("_")[1])
+                       for p in trial_dirs.glob("iterations=600_*/checkpoint_*")]
+        return long.info.status == "RUNNING" and max(checkpoints, default=0) >= 2
+
+    try:
+        wait_for(short_done_and_long_checkpointed, 240, "a finished and a checkpointed trial")
+        time.sleep(0.5)  # let the driver snapshot the experiment state after that checkpoint
+    finally:
+        kill_session(first)  # the driver, the Ray cluster it started and the trial workers
+        log.close()
+    parent = tracking.find_sweep_run(client, "resume")
+    long = {r.data.tags[tracking.TAG_KEY]: r for r in tracking.child_runs(client, parent)}
+    assert long["iterations=600"].info.status == "RUNNING", (tmp_path / "first.log").read_text()
+
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2/2 finished (1 before this launch)" in second.stdout, second.stdout
+
+    parent = tracking.find_sweep_run(client, "resume")
+    children = tracking.child_runs(client, parent)
+    keys = [r.data.tags[tracking.TAG_KEY] for r in children]
+    assert sorted(keys) == ["iterations=4", "iterations=600"]  # no duplicate child runs
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert parent.info.status == "FINISHED"
+    by_key = dict(zip(keys, children, strict=True))
+    resumed = int(by_key["iterations=600"].data.tags[tracking.TAG_RESUMED])
+    assert resumed > 0 and resumed % 10 == 0
+    assert tracking.TAG_RESUMED not in by_key["iterations=4"].data.tags
+    steps = [m.step for m in client.get_metric_history(by_key["iterations=600"].info.run_id,
+                                                       "loss")]
+    assert sorted(steps) == list(range(1, 601))  # every step once, none lost or doubled
+    assert SyntheticSet.load(tracking.pull(by_key["iterations=600"].info.run_id,
+                                           tmp_path / "set")).manifest["iterations_done"] == 600
+
+
+def test_invalid_spec_fails_fast(tmp_path):
+    home = tmp_path / "home"
+    path = write_spec(tmp_path / "bad.yaml", "bad", {"lamda": [0.1], "ipc": [0]})
+    env = _env(home)
+    result = subprocess.run(_cli("launch", str(path)), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "grid.lamda: unknown engine field 'lamda'; did you mean 'lam'?" in result.stderr
+    assert "grid.ipc[0]" in result.stderr
+    assert result.stdout == ""
+    assert not home.exists()  # no MLflow store, no Ray results
+
+    # in the same process: Ray and MLflow are not even imported
+    probe = (
+        "import sys, runpy\n"
+        f"sys.argv = ['mim4dd-sweep', 'launch', {str(path)!r}]\n"
+        "try:\n    runpy.run_module('orchestrator.cli', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    print(exc.code, 'ray' in sys.modules, 'mlflow' in sys.modules)\n"
+    )
+    probed = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert probed.stdout.split() == ["2", "False", "False"], probed.stderr
+
+
+def test_dry_run_lists_trials_and_starts_nothing(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv(tracking.HOME_ENV, str(home))
+    path = write_spec(tmp_path / "dry.yaml", "dry", {"lam": [0, 0.8], "seed": [0, 1, 2]})
+    result = CliRunner().invoke(app, ["launch", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "6 trials (dry run)" in result.output and "lam=0.8,seed=2" in result.output
+    assert not home.exists()
+
+
+def test_unknown_sweep_and_store_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.HOME_ENV, str(tmp_path / "nothing"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for command in (["status", "nope"], ["report", "nope"],
+                    ["pull", "nope", "--lam", "0.8", "--out", str(tmp_path / "o")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 1 and "no sweep named 'nope'" in result.output, command
+    assert not (tmp_path / "nothing").exists()  # looking never creates a store
+
+
+def test_flatten_and_parse_round_trip():
+    flat = tracking.flatten({"lam": 0.8, "dataset": "digits", "mim_blocks": None,
+                             "eval": {"epochs": 5, "dsa": True}, "lr_milestones": [1, 2]})
+    assert flat == {"lam": "0.8", "dataset": "digits", "mim_blocks": "null",
+                    "eval.epochs": "5", "eval.dsa": "true", "lr_milestones": "[1, 2]"}
+    assert {k: tracking.parse_value(v) for k, v in flat.items()} == {
+        "lam": 0.8, "dataset": "digits", "mim_blocks": None, "eval.epochs": 5,
+        "eval.dsa": True, "lr_milestones": [1, 2]}
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.HOME_ENV, str(tmp_path / "h"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    embedded = tracking.resolve_tracking_uri()
+    assert embedded == f"sqlite:///{tmp_path / 'h' / 'mlflow.db'}"
+    assert tracking.artifact_root(embedded) == (tmp_path / "h" / "artifacts").as_uri()
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert tracking.artifact_root("http://127.0.0.1:5000") is None  # the server's proxy
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:1")
+    assert tracking.resolve_tracking_uri() == "http://example:1"
+    command = service.ui_command(embedded, "127.0.0.1", 5001)
+    assert command[1:] == ["-m", "mlflow", "ui", "--backend-store-uri", embedded, "--host",
+                           "127.0.0.1", "--port", "5001", "--default-artifact-root",
+                           tracking.artifact_root(embedded)]
+
