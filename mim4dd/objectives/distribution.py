@@ -39,8 +39,10 @@ class DistributionMatching(MatchingObjective):
 
     def _embed(self, net, images: torch.Tensor, with_features: bool):
         maps = net.block_features(images)
+        if not with_features:
+            return maps[-1].flatten(1), []
         features = [pool_to_grid(maps[k], self.config.mim_grid) for k in self.config.blocks]
-        return maps[-1].flatten(1), (features if with_features else [])
+        return maps[-1].flatten(1), features
 
 
 def _class_means(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
