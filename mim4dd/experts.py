@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from mim4dd.augment import DSA
 from mim4dd.config import Config
 from mim4dd.data import RealData, candidate_roots, load_for
+from mim4dd.atomic import write_atomic
 from mim4dd.flat import FlatParams
 from mim4dd.models import build_model
 
@@ -105,20 +104,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write beside `path` under a temporary name, flush, then rename: all or nothing."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # --- training -------------------------------------------------------------------------------
 
 
@@ -164,7 +149,7 @@ def train_expert(
         raise ExpertBufferError(f"expert {index} diverged (non-finite weights); lower expert_lr")
     metadata = {"digest": key_digest(expert_key(config, data)), "index": str(index)}
     path = out_dir / expert_file(index)
-    _write_atomic(path, lambda p: safetensors.torch.save_file({TENSOR: trajectory}, p, metadata))
+    write_atomic(path, lambda p: safetensors.torch.save_file({TENSOR: trajectory}, p, metadata))
     return path
 
 
@@ -176,6 +161,15 @@ def _finished(path: Path, digest: str, shape: list[int]) -> bool:
             return (handle.metadata() or {}).get("digest") == digest and found == shape
     except (OSError, SafetensorError, KeyError):
         return False
+
+
+def missing_experts(
+    config: Config, out_dir: str | Path, count: int, data: RealData
+) -> list[int]:
+    """Experts among 0..count-1 with no complete file for this key (absent, cut short, other)."""
+    digest = key_digest(expert_key(config, data))
+    shape = [config.expert_train_epochs + 1, _template(config, data).size]
+    return [i for i in range(count) if not _finished(Path(out_dir) / expert_file(i), digest, shape)]
 
 
 def write_manifest(config: Config, out_dir: str | Path, count: int, data: RealData) -> Path:
@@ -203,7 +197,7 @@ def write_manifest(config: Config, out_dir: str | Path, count: int, data: RealDa
     }
     path = out_dir / MANIFEST_FILE
     text = json.dumps(manifest, indent=2) + "\n"
-    _write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+    write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
     return path
 
 
@@ -220,15 +214,14 @@ def train_experts(
     out_dir = Path(out_dir) if out_dir is not None else expert_dir(config, data)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = expert_key(config, data)
-    digest = key_digest(key)
     count = num_experts or config.num_experts
-    shape = [config.expert_train_epochs + 1, _template(config, data).size]
     try:  # never shrink a sealed buffer
         count = max(count, ExpertBuffer.open(out_dir, key).count)
     except ExpertBufferError:
         pass
+    missing = set(missing_experts(config, out_dir, count, data))
     for index in range(count):
-        if _finished(out_dir / expert_file(index), digest, shape):
+        if index not in missing:
             if callback is not None:
                 callback(index, config.expert_train_epochs)
             continue
@@ -337,5 +330,5 @@ class ExpertBuffer:
 
 __all__ = [
     "ExpertBuffer", "ExpertBufferError", "expert_dir", "expert_key", "key_digest",
-    "train_expert", "train_experts", "write_manifest",
+    "missing_experts", "train_expert", "train_experts", "write_manifest",
 ]

@@ -19,8 +19,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -32,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.utils.data import TensorDataset
+
+from mim4dd.atomic import stage
 
 FORMAT_VERSION = 1
 
@@ -142,21 +142,6 @@ def _check_manifest(manifest: Any, where: str) -> None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _stage(directory: Path, name: str, write: Callable[[Path], None]) -> Path:
-    """Write a file next to its destination under a temporary name and flush it to disk."""
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def grid_size(num_classes: int, ipc: int, height: int, width: int) -> tuple[int, int]:
@@ -289,10 +274,10 @@ class SyntheticSet:
         )
         staged: dict[str, Path] = {}
         try:
-            staged[TENSORS_FILE] = _stage(
+            staged[TENSORS_FILE] = stage(
                 directory, TENSORS_FILE, lambda p: safetensors.torch.save_file(tensors, p)
             )
-            staged[GRID_FILE] = _stage(directory, GRID_FILE, self._write_grid)
+            staged[GRID_FILE] = stage(directory, GRID_FILE, self._write_grid)
             manifest = {
                 **self.manifest,
                 "sha256": _sha256(staged[TENSORS_FILE].read_bytes()),
@@ -302,7 +287,7 @@ class SyntheticSet:
                 },
             }
             text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-            staged[MANIFEST_FILE] = _stage(
+            staged[MANIFEST_FILE] = stage(
                 directory, MANIFEST_FILE, lambda p: p.write_text(text, encoding="utf-8")
             )
             for name in (TENSORS_FILE, GRID_FILE, MANIFEST_FILE):
