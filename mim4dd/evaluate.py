@@ -120,7 +120,8 @@ class Evaluator:
     @torch.no_grad()
     def _accuracy(self, ensemble: _Ensemble, split: Split) -> list[float]:
         correct = torch.zeros(ensemble.size, device=self.device)
-        for images, labels in zip(split.images.split(TEST_BATCH), split.labels.split(TEST_BATCH)):
+        batches = zip(split.images.split(TEST_BATCH), split.labels.split(TEST_BATCH), strict=True)
+        for images, labels in batches:
             logits = ensemble.shared(images.to(self.device))
             correct += (logits.argmax(-1) == labels.to(self.device)).sum(1)
         return (correct / len(split)).tolist()
