@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from _common import print_table, sync
 
 from mim4dd.config import Config, ModelConfig
 from mim4dd.data import DATASETS, RealData, Split, load_dataset
@@ -66,11 +67,6 @@ def generated_cifar_like(per_class: int, seed: int = 0) -> RealData:
     )
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_pair(base: Distiller, mim: Distiller, steps: int, device: torch.device):
     """Warm both up with one step, then `steps` timed steps each, interleaved A B B A ..."""
     for distiller in (base, mim):
@@ -90,7 +86,7 @@ def time_pair(base: Distiller, mim: Distiller, steps: int, device: torch.device)
     return (wall[0], cpu[0]), (wall[1], cpu[1])
 
 
-def print_table(rows: list[Row], title: str) -> None:
+def print_results(rows: list[Row], title: str) -> None:
     headers = ["shape", "data", "ipc", "batch_real", "lam", "s/iter (median)", "min", "max",
                "lam/lam=0", "CPU s/iter", "lam/lam=0 (CPU)"]
     cells = [
@@ -99,22 +95,7 @@ def print_table(rows: list[Row], title: str) -> None:
          f"{r.cpu_median_s:.3f}", "" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}x"]
         for r in rows
     ]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-        print(title)
-        print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-        for c in cells:
-            print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
-        return
-    table = Table(title=title)
-    for h in headers:
-        table.add_column(h, justify="right")
-    for c in cells:
-        table.add_row(*c)
-    Console(width=160).print(table)
+    print_table(title, headers, cells)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             del base, mim
 
     print()
-    print_table(rows, f"s per distillation iteration (median of {args.steps}); "
+    print_results(rows, f"s per distillation iteration (median of {args.steps}); "
                       "ratio = MIM term overhead")
     if any(r.data == "GENERATED" for r in rows):
         print("32x32 rows use GENERATED random data shaped like CIFAR10 (timing only).")

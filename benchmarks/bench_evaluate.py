@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 
 import torch
+from _common import print_table, sync
 
 from mim4dd.config import EvalConfig, ModelConfig
 from mim4dd.data import RealData, Split, load_dataset
@@ -41,11 +42,6 @@ def head(split: Split, n: int | None) -> Split:
     if n is None or n >= len(split):
         return split
     return Split(split.images[:n], split.labels[:n])
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PhaseTimer:
@@ -156,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
               f"max |acc diff| {summary['max_abs_test_acc_diff']:.2e}", flush=True)
 
     print()
-    print_table(results, args)
+    print_results(results, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv[1:], "torch": torch.__version__, "device": str(device),
@@ -164,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_table(results: list[dict], args) -> None:
+def print_results(results: list[dict], args) -> None:
     headers = ["ipc", "images", "parallel s/eval", "sequential s/eval", "speed-up",
                "train par / seq s", "train speed-up", "test+val par / seq s", "test+val speed-up",
                "CPU s par / seq", "CPU speed-up", "max |acc diff|", "mean acc (par)"]
@@ -181,22 +177,7 @@ def print_table(results: list[dict], args) -> None:
         ])
     title = (f"s per evaluation ({args.num_nets} nets, {args.epochs} epochs); "
              "speed-up = sequential / parallel")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-        print(title)
-        print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-        for c in cells:
-            print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
-        return
-    table = Table(title=title)
-    for h in headers:
-        table.add_column(h, justify="right")
-    for c in cells:
-        table.add_row(*c)
-    Console(width=200).print(table)
+    print_table(title, headers, cells, width=200)
 
 
 if __name__ == "__main__":
