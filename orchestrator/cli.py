@@ -1,5 +1,8 @@
 """`mim4dd-sweep`: launch a sweep file, watch it, read its table, pull a distilled set back.
 
+`mim4dd-sweep experts` runs only the stage that trains the expert buffers of a sweep's
+trajectory-matching trials; `launch` runs that stage by itself before the trials.
+
 The commands parse arguments and print; the work is in `orchestrator.service`. Heavy imports
 (Ray, MLflow) happen inside the commands, so a bad sweep file fails fast and starts nothing.
 """
@@ -15,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec import SpecError, SweepSpec, load_spec
 
 app = typer.Typer(
     name="mim4dd-sweep", no_args_is_help=True, add_completion=False,
@@ -27,6 +30,10 @@ err = Console(stderr=True)
 TrackingUri = Annotated[str | None, typer.Option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_default=False,
     help="MLflow tracking URI (default: the embedded store in $MIM4DD_HOME or ./.mim4dd).",
+)]
+Address = Annotated[str | None, typer.Option(
+    help="Ray cluster address (default: the file's ray_address, $RAY_ADDRESS, or a local "
+         "in-process cluster).",
 )]
 
 
@@ -47,24 +54,25 @@ def _table(rows: list[dict[str, Any]], title: str = "") -> Table:
 @app.command()
 def launch(
     spec_file: Annotated[Path, typer.Argument(help="The sweep YAML file.")],
-    address: Annotated[str | None, typer.Option(
-        help="Ray cluster address (default: the file's ray_address, $RAY_ADDRESS, or a local "
-             "in-process cluster).")] = None,
+    address: Address = None,
     tracking_uri: TrackingUri = None,
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Validate and list the trials; start and log nothing.")] = False,
+        "--dry-run", help="Validate and list the trials and the expert buffers they need; "
+                          "start and log nothing.")] = False,
 ) -> None:
-    """Run every unfinished trial of a sweep; relaunching resumes it."""
-    try:
-        spec = load_spec(spec_file, address=address, tracking_uri=tracking_uri)
-    except SpecError as exc:
-        raise _fail(f"invalid sweep file {spec_file}:\n{exc}", 2) from None
-
+    """Run a sweep's unfinished trials (missing expert buffers first); relaunching resumes."""
+    spec = _load(spec_file, address, tracking_uri)
+    from orchestrator.experts import ExpertStageError
     from orchestrator.service import launch as run_sweep
 
-    outcome = run_sweep(spec, dry_run=dry_run, progress=True, console=err)
+    try:
+        outcome = run_sweep(spec, dry_run=dry_run, progress=True, console=err)
+    except ExpertStageError as exc:
+        raise _fail(f"expert stage failed; no trial was started:\n{exc}") from None
     if dry_run:
         out.print(_table(outcome.table, f"{spec.name}: {outcome.total} trials (dry run)"))
+        if outcome.buffers:
+            out.print(_table(outcome.buffers, "expert buffers (as seen from this machine)"))
         return
     if outcome.summary is not None and not outcome.summary.empty:
         _print_summary(outcome.summary, spec.name)
@@ -79,6 +87,36 @@ def launch(
     if outcome.failed or outcome.unfinished:
         out.print("run the same command again to retry failed and resume unfinished trials")
         raise typer.Exit(1)
+
+
+@app.command()
+def experts(
+    spec_file: Annotated[Path, typer.Argument(help="The sweep YAML file.")],
+    address: Address = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Train the expert buffers a sweep's trajectory-matching trials need, and nothing else."""
+    spec = _load(spec_file, address, tracking_uri)
+    from orchestrator.experts import ExpertStageError
+    from orchestrator.service import prepare_experts
+
+    try:
+        buffers = prepare_experts(spec, console=err)
+    except ExpertStageError as exc:
+        raise _fail(f"expert stage failed:\n{exc}") from None
+    if not buffers:
+        out.print(f"{spec.name}: no trial uses base mtt; no expert buffer is needed")
+        return
+    rows = [{"buffer": b.digest, "experts": b.count, "trained now": len(b.trained),
+             "trials": len(b.trials), "folder": b.directory} for b in buffers]
+    out.print(_table(rows, f"{spec.name}: expert buffers ready"))
+
+
+def _load(spec_file: Path, address: str | None, tracking_uri: str | None) -> SweepSpec:
+    try:
+        return load_spec(spec_file, address=address, tracking_uri=tracking_uri)
+    except SpecError as exc:
+        raise _fail(f"invalid sweep file {spec_file}:\n{exc}", 2) from None
 
 
 def _print_summary(summary: Any, name: str) -> None:

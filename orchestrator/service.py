@@ -10,6 +10,9 @@
 * either way a trial continues its existing child run (the trainable finds it by the run id
   in its checkpoint, else by trial key), so no trial ever gets a second child run.
 
+Before Tune starts, the expert stage (`orchestrator.experts`) makes every expert buffer the
+unfinished trajectory-matching trials need complete; if it cannot, no trial starts.
+
 The CLI (`orchestrator.cli`) only parses arguments and prints what these functions return.
 """
 
@@ -22,6 +25,8 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator import aggregate, tracking
+from orchestrator import aggregate, experts, tracking
 from orchestrator.spec import SweepSpec, Trial, trial_table
 
 # Environment for the driver and every Ray worker (set before Ray starts).
@@ -45,6 +50,7 @@ RAY_ENV = {
 }
 STORAGE_ENV = "MIM4DD_RAY_STORAGE"  # a folder all nodes share (NFS): multi-node checkpoints
 TRIALS_FILE = "mim4dd_trials.json"  # {key: digest} a Tune experiment folder was started with
+TAG_BUFFERS = "mim4dd.expert_buffers"  # digests of the expert buffers the trials read
 TAG_TOTAL, TAG_FINISHED, TAG_FAILED = (
     "mim4dd.trials_total", "mim4dd.trials_finished", "mim4dd.trials_failed"
 )
@@ -64,6 +70,7 @@ class SweepOutcome:
     resumed: bool = False  # a previous Tune experiment was restored
     summary: pd.DataFrame | None = None
     table: list[dict[str, Any]] = field(default_factory=list)  # dry run rows
+    buffers: list[dict[str, Any]] = field(default_factory=list)  # dry run: expert buffers
 
 
 # --- progress on the terminal ----------------------------------------------------------------
@@ -176,7 +183,8 @@ def launch(
     """Run every unfinished trial of `spec`, then aggregate; see the module docstring."""
     trials = spec.trials()
     if dry_run:  # nothing started, nothing logged
-        return SweepOutcome(spec.name, "DRY_RUN", len(trials), table=trial_table(spec))
+        return SweepOutcome(spec.name, "DRY_RUN", len(trials), table=trial_table(spec),
+                            buffers=experts.describe(trials))
 
     uri = tracking.resolve_tracking_uri(spec.tracking_uri)
     client = tracking.connect(uri)
@@ -205,16 +213,25 @@ def launch(
             # A live board needs a terminal; elsewhere (CI logs) the final summary suffices.
             show = progress and console.is_terminal
             board = _Board(spec.name, trials, done, console) if show else None
-            tune_errors, outcome.resumed = _run_tune(spec, trials, remaining, context, board)
+            with _ray_session(spec.ray_address):
+                log = _buffer_logger(client, experiment_id, spec.name)
+                buffers = experts.prepare(spec, remaining, console, log)
+                if buffers:
+                    digests = " ".join(sorted({b.digest for b in buffers}))
+                    tracking.set_tags(client, parent_id, {TAG_BUFFERS: digests})
+                tune_errors, outcome.resumed = _run_tune(spec, trials, remaining, context, board)
             _end_orphans(client, parent)
         _account(client, parent, trials, tune_errors, outcome)
         outcome.summary = _aggregate(client, parent, trials)
     except BaseException as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{exc!r}"
+        status = "KILLED"
+        if isinstance(exc, experts.ExpertStageError):
+            status, reason = "FAILED", f"expert stage failed, no trial started: {exc}"
         try:
             _end_orphans(client, parent)
         finally:
-            tracking.end_run(client, parent_id, "KILLED", f"{reason}; relaunch to resume")
+            tracking.end_run(client, parent_id, status, f"{reason}; relaunch to resume")
         raise
     _end_parent(client, parent_id, outcome)
     return outcome
@@ -225,6 +242,42 @@ def _log_spec(client: Any, run_id: str, spec: SweepSpec) -> None:
         path = Path(folder) / "spec.json"
         path.write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
         client.log_artifact(run_id, str(path))
+
+
+def prepare_experts(spec: SweepSpec, console: Console | None = None) -> list[experts.Buffer]:
+    """Only the expert stage, for every trial of `spec`; logged in the sweep's experiment."""
+    trials = [t for t in spec.trials() if experts.needs_experts(t)]
+    if not trials:
+        return []
+    uri = tracking.resolve_tracking_uri(spec.tracking_uri)
+    client = tracking.connect(uri)
+    experiment_id = tracking.ensure_experiment(client, spec.experiment_name, uri)
+    with _ray_session(spec.ray_address):
+        return experts.prepare(spec, trials, console,
+                               _buffer_logger(client, experiment_id, spec.name))
+
+
+def _buffer_logger(client: Any, experiment_id: str, sweep: str) -> Any:
+    """The stage's `on_sealed`: each buffer it sealed becomes a small MLflow run."""
+    def log(buffer: experts.Buffer, manifest: str) -> None:
+        tracking.log_expert_buffer(client, experiment_id, buffer.digest, buffer.directory,
+                                   manifest, sweep)
+    return log
+
+
+@contextmanager
+def _ray_session(address: str | None) -> Iterator[None]:
+    """Ray for the stage and Tune: connected or started here, and stopped if started here."""
+    import ray
+
+    for name, value in RAY_ENV.items():
+        os.environ.setdefault(name, value)
+    started = _init_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _init_ray(address: str | None) -> bool:
@@ -251,62 +304,55 @@ def _run_tune(
     spec: SweepSpec, trials: list[Trial], remaining: list[Trial], context: dict[str, Any],
     board: _Board | None,
 ) -> tuple[dict[str, str], bool]:
-    """Run `remaining` on Ray Tune; returns Tune's errors by trial key and whether it resumed."""
-    import ray
+    """Run `remaining` on Ray Tune (Ray is running); returns Tune's errors by trial key and
+    whether it resumed."""
     from ray import tune
 
     from orchestrator.trainable import payload, train_trial
 
     global _BOARD
-    for name, value in RAY_ENV.items():
-        os.environ.setdefault(name, value)
-    started = _init_ray(spec.ray_address)
-    try:
-        trainable = tune.with_resources(
-            tune.with_parameters(train_trial, context=context),
-            {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, context=context),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    storage = Path(os.environ.get(STORAGE_ENV) or tracking.home() / "ray_results")
+    folder = storage / spec.name
+    resumed = _restorable(folder, trials, remaining)
+    if resumed:
+        tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
+    else:
+        if folder.exists():  # a different set of trials: keep it, out of the way
+            folder.rename(folder.with_name(f"{spec.name}.replaced-{int(time.time())}"))
+        folder.mkdir(parents=True)
+        keys = {t.key: t.config_digest for t in remaining}
+        (folder / TRIALS_FILE).write_text(json.dumps(keys, indent=2) + "\n")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([payload(t) for t in remaining])},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=str(storage), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=spec.retries),
+                # One checkpoint kept; Tune then saves its experiment state after every
+                # trial checkpoint, so a killed sweep resumes from the newest one.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[_BoardFeed()],
+            ),
         )
-        storage = Path(os.environ.get(STORAGE_ENV) or tracking.home() / "ray_results")
-        folder = storage / spec.name
-        resumed = _restorable(folder, trials, remaining)
-        if resumed:
-            tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
-        else:
-            if folder.exists():  # a different set of trials: keep it, out of the way
-                folder.rename(folder.with_name(f"{spec.name}.replaced-{int(time.time())}"))
-            folder.mkdir(parents=True)
-            keys = {t.key: t.config_digest for t in remaining}
-            (folder / TRIALS_FILE).write_text(json.dumps(keys, indent=2) + "\n")
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"trial": tune.grid_search([payload(t) for t in remaining])},
-                tune_config=tune.TuneConfig(
-                    max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
-                    trial_dirname_creator=trial_dirname,
-                ),
-                run_config=tune.RunConfig(
-                    name=spec.name, storage_path=str(storage), verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=spec.retries),
-                    # One checkpoint kept; Tune then saves its experiment state after every
-                    # trial checkpoint, so a killed sweep resumes from the newest one.
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=[_BoardFeed()],
-                ),
-            )
-        _BOARD = board
-        if board:
-            board.live.start()
-        try:
-            results = tuner.fit()
-        finally:
-            if board:
-                board.live.stop()
-            _BOARD = None
-        errors = {r.config["trial"]["key"]: _short(r.error) for r in results if r.error}
-        return errors, resumed
+    _BOARD = board
+    if board:
+        board.live.start()
+    try:
+        results = tuner.fit()
     finally:
-        if started:
-            ray.shutdown()
+        if board:
+            board.live.stop()
+        _BOARD = None
+    errors = {r.config["trial"]["key"]: _short(r.error) for r in results if r.error}
+    return errors, resumed
 
 
 def _restorable(folder: Path, trials: list[Trial], remaining: list[Trial]) -> bool:

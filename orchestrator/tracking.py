@@ -39,6 +39,7 @@ TAG_RESUMED = "mim4dd.resumed_from_iteration"
 TAG_ATTEMPT = "mim4dd.attempt"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
+TAG_EXPERTS = "mim4dd.experts"  # key digest of the expert buffer a run records
 
 SYNSET_PATH = "synset"  # artifact folder holding the synthetic set
 RESULTS_FILE = "results.json"
@@ -279,6 +280,31 @@ def _clear_failure(client: MlflowClient, run: Run) -> None:
         client.delete_tag(run.info.run_id, TAG_FAILURE)
 
 
+def log_expert_buffer(
+    client: MlflowClient, experiment_id: str, digest: str, directory: str, manifest: str,
+    sweep: str,
+) -> str:
+    """A small FINISHED run recording a sealed expert buffer: where it is and its manifest.
+
+    The trajectories themselves stay on the shared path (gigabytes per buffer)."""
+    data = json.loads(manifest)
+    checkpoints, num_params = data["shape"]
+    run = client.create_run(experiment_id, run_name=f"experts-{digest}", tags={
+        TAG_EXPERTS: digest, TAG_ROLE: "experts", TAG_SWEEP: sweep,
+        "mim4dd.expert_dir": directory, **versions(),
+    })
+    run_id = run.info.run_id
+    params = {"dataset": data["key"]["dataset"], "count": data["count"],
+              "expert_train_epochs": checkpoints - 1, "num_params": num_params}
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "manifest.json"
+        path.write_text(manifest, encoding="utf-8")
+        client.log_artifact(run_id, str(path))
+    end_run(client, run_id, "FINISHED")
+    return run_id
+
+
 # --- one trial's run -------------------------------------------------------------------------
 
 
@@ -458,6 +484,7 @@ __all__ = [
     "finished_trial_keys",
     "flatten",
     "home",
+    "log_expert_buffer",
     "open_sweep_run",
     "pull",
     "resolve_tracking_uri",
