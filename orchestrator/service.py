@@ -86,7 +86,10 @@ class _Board:
         self.iterations = {t.key: t.config.iterations for t in trials}
         self.state = {t.key: ("done" if t.key in skipped else "pending") for t in trials}
         self.detail: dict[str, str] = {}
-        self.live = Live(self.render(), console=console, auto_refresh=False, transient=False)
+        self.console = console
+        # On a terminal, a live table; in a log file, one plain line per change of state.
+        self.live = (Live(self.render(), console=console, auto_refresh=False, transient=False)
+                     if console.is_terminal else None)
         self._last = 0.0
 
     def update(self, key: str, state: str | None = None, detail: str | None = None) -> None:
@@ -96,6 +99,12 @@ class _Board:
             self.state[key] = state
         if detail is not None:
             self.detail[key] = detail
+        if self.live is None:
+            if state:
+                done = list(self.state.values()).count("done")
+                self.console.print(f"[{done}/{len(self.state)} done] {escape(key)}: {state}"
+                                   f"{' - ' + escape(detail) if detail else ''}", highlight=False)
+            return
         now = time.monotonic()
         if state or now - self._last > 0.25:  # repaint on news, else at most 4 times a second
             self._last = now
@@ -210,9 +219,7 @@ def launch(
             if (spec.ray_address or os.environ.get("RAY_ADDRESS")) and tracking.is_embedded(uri):
                 console.print(f"[yellow]warning:[/] trials on other machines cannot reach {uri}; "
                               "give a tracking server with --tracking-uri", highlight=False)
-            # A live board needs a terminal; elsewhere (CI logs) the final summary suffices.
-            show = progress and console.is_terminal
-            board = _Board(spec.name, trials, done, console) if show else None
+            board = _Board(spec.name, trials, done, console) if progress else None
             with _ray_session(spec.ray_address):
                 log = _buffer_logger(client, experiment_id, spec.name)
                 buffers = experts.prepare(spec, remaining, console, log)
@@ -343,12 +350,12 @@ def _run_tune(
             ),
         )
     _BOARD = board
-    if board:
+    if board and board.live:
         board.live.start()
     try:
         results = tuner.fit()
     finally:
-        if board:
+        if board and board.live:
             board.live.stop()
         _BOARD = None
     errors = {r.config["trial"]["key"]: _short(r.error) for r in results if r.error}

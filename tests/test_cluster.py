@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import yaml
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
+from processes import HAS_PROC, stop  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from mim4dd.synset import SyntheticSet  # noqa: E402
@@ -33,7 +33,7 @@ from orchestrator import service, tracking  # noqa: E402
 pytestmark = [
     pytest.mark.cluster,
     pytest.mark.slow,
-    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes in /proc"),
+    pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc"),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,39 +43,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def session_pids(session: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[3]) == session:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a process started in its own session, and everything it started."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    for _ in range(50):  # its workers, whatever process group they chose
-        pids = session_pids(process.pid)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-    process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from mim4dd.config import Config
 from mim4dd.distill import DistillCallback, Distiller, NonFiniteLossError
 

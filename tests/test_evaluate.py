@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from mim4dd.experiment import evaluator_for
 
 

@@ -4,11 +4,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from mim4dd.distill import Distiller
 from mim4dd.experts import (
-    MANIFEST_FILE, ExpertBuffer, ExpertBufferError, expert_dir, expert_key, expert_seed,
+    MANIFEST_FILE,
+    ExpertBuffer,
+    ExpertBufferError,
+    expert_dir,
+    expert_key,
+    expert_seed,
     train_experts,
 )
 from mim4dd.flat import FlatParams

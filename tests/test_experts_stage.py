@@ -1,8 +1,7 @@
 """The expert stage of the sweep service: real Ray tasks, real MLflow, tiny digits buffers.
 
 Buffers are 2 experts x 2 epochs of an 8-channel ConvNet on scikit-learn's digits, in tmp_path;
-MLflow lives in tmp_path too (MIM4DD_HOME). The Ray cluster and store fixtures are the ones of
-test_orchestrator.
+MLflow lives in tmp_path too (MIM4DD_HOME). The Ray cluster and store fixtures are in conftest.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 from rich.console import Console  # noqa: E402
-from test_orchestrator import home, ray_cluster, template_db  # noqa: E402,F401 (fixtures)
 from typer.testing import CliRunner  # noqa: E402
 
 from mim4dd.experts import MANIFEST_FILE, ExpertBuffer, ExpertBufferError  # noqa: E402

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from mim4dd.distill import Distiller
 from mim4dd.models import build_model
 from mim4dd.objectives import gradient_distance, loops_for_ipc

@@ -4,8 +4,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_config
+
 from mim4dd.distill import Distiller
 from mim4dd.objectives import MIMTerm, nce_loss
 

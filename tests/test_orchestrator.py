@@ -8,8 +8,6 @@ MLflow store (MIM4DD_HOME in tmp_path). Trials distill scikit-learn's 8x8 digits
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ import yaml
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
+from processes import HAS_PROC, kill_session  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from mim4dd.synset import SyntheticSet  # noqa: E402
@@ -54,37 +53,6 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.3):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow database: copying it saves each test MLflow's ~8 s setup."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch, template_db) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copy(template_db, home / "mlflow.db")
-    monkeypatch.setenv(tracking.HOME_ENV, str(home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    return home
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    for name, value in service.RAY_ENV.items():
-        os.environ.setdefault(name, value)
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-        runtime_env={"env_vars": dict(service.RAY_ENV)},
-    )
-    yield
-    ray.shutdown()
 
 
 def sweep_runs(uri: str, name: str):
@@ -218,34 +186,6 @@ def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
     assert tracking.TAG_FAILURE not in by_key["lr_img=0.1"].data.tags
 
 
-def session_pids(session: int) -> list[int]:
-    """Processes of a session (Ray puts its workers in their own process groups)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if fields[0] != "Z" and int(fields[3]) == session:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL a process started with start_new_session and everything in its session."""
-    for _ in range(50):
-        pids = session_pids(process.pid)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-    process.wait()
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", *args]
 
@@ -258,7 +198,7 @@ def _env(home: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes in /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
 def test_kill_and_relaunch_resumes_from_checkpoints(home, tmp_path):
     path = write_spec(tmp_path / "resume.yaml", "resume", {"iterations": [4, 600]},
                       checkpoint_every=10)

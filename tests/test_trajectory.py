@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from mim4dd.config import ModelConfig
 from mim4dd.distill import Distiller
 from mim4dd.experiment import evaluate_synset
