@@ -29,6 +29,20 @@ def fashion():
     return load_dataset("FashionMNIST", val_fraction=0.1, seed=0)
 
 
+def run_interrupted(config: Config, data, state_file: Path, stop_at: int):
+    """Distill to `stop_at`, save the state, and finish in a fresh Distiller (as a new process
+    would); returns the finished set, to compare with an uninterrupted run."""
+    from mim4dd.distill import Distiller
+
+    first = Distiller(config.model_copy(update={"iterations": stop_at}), data)
+    first.run()
+    first.save_state(state_file)
+    resumed = Distiller(config, data)
+    resumed.load_state(state_file)
+    assert resumed.iteration == stop_at
+    return resumed.run()
+
+
 def tiny_config(**overrides) -> Config:
     """A distillation that takes well under a second per step on the digits."""
     base = dict(

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_interrupted, tiny_config
 
 from mim4dd.config import Config
 from mim4dd.distill import DistillCallback, Distiller, NonFiniteLossError
@@ -43,14 +43,7 @@ def test_distillation_changes_images_and_reports_progress(digits):
 def test_resume_equals_uninterrupted(digits, tmp_path, lam):
     config = tiny_config(lam=lam, iterations=6, lr_milestones=[3])
     uninterrupted = Distiller(config, digits).run()
-
-    first = Distiller(config.model_copy(update={"iterations": 3}), digits)
-    first.run()
-    first.save_state(tmp_path / "state.pt")
-    resumed = Distiller(config, digits)  # a new process would start exactly like this
-    resumed.load_state(tmp_path / "state.pt")
-    assert resumed.iteration == 3
-    result = resumed.run()
+    result = run_interrupted(config, digits, tmp_path / "state.pt", stop_at=3)
     assert torch.equal(result.images, uninterrupted.images)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_interrupted, tiny_config
 
 from mim4dd.distill import Distiller
 from mim4dd.models import build_model
@@ -103,9 +103,5 @@ def test_resume_equals_uninterrupted(digits, tmp_path, lam):
     config = tiny_config(base="dc", lam=lam, iterations=5, outer_loop=3, inner_loop=2,
                          dis_metric="ours")
     uninterrupted = Distiller(config, digits).run()
-    first = Distiller(config.model_copy(update={"iterations": 2}), digits)
-    first.run()
-    first.save_state(tmp_path / "state.pt")
-    resumed = Distiller(config, digits)
-    resumed.load_state(tmp_path / "state.pt")
-    assert torch.equal(resumed.run().images, uninterrupted.images)
+    result = run_interrupted(config, digits, tmp_path / "state.pt", stop_at=2)
+    assert torch.equal(result.images, uninterrupted.images)

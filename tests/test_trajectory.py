@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_interrupted, tiny_config
 
 from mim4dd.config import ModelConfig
 from mim4dd.distill import Distiller
@@ -84,12 +84,7 @@ def test_lambda_zero_is_exactly_trajectory_matching(digits, experts):
 def test_resume_equals_uninterrupted(digits, experts, tmp_path, lam):
     config = mtt_config(experts, lam=lam, iterations=4)
     uninterrupted = Distiller(config, digits).run()
-    first = Distiller(config.model_copy(update={"iterations": 2}), digits)
-    first.run()
-    first.save_state(tmp_path / "state.pt")
-    resumed = Distiller(config, digits)
-    resumed.load_state(tmp_path / "state.pt")
-    result = resumed.run()
+    result = run_interrupted(config, digits, tmp_path / "state.pt", stop_at=2)
     assert torch.equal(result.images, uninterrupted.images)
     assert torch.equal(result.lr, uninterrupted.lr)
 
