@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -22,3 +24,21 @@ def print_table(
     for row in cells:
         table.add_row(*row)
     Console(width=width).print(table)
+
+
+def time_interleaved(distillers: list, steps: int, device: torch.device):
+    """Warm each up with one step, then `steps` timed steps each, in alternating order."""
+    for distiller in distillers:
+        distiller.step()
+    sync(device)
+    wall: list[list[float]] = [[] for _ in distillers]
+    cpu: list[list[float]] = [[] for _ in distillers]
+    forward = list(range(len(distillers)))
+    for i in range(steps):
+        for which in forward if i % 2 == 0 else forward[::-1]:
+            started, started_cpu = time.perf_counter(), time.process_time()
+            distillers[which].step()
+            sync(device)
+            wall[which].append(time.perf_counter() - started)
+            cpu[which].append(time.process_time() - started_cpu)
+    return wall, cpu

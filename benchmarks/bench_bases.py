@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from _common import print_table, sync
+from _common import print_table, time_interleaved
 
 from mim4dd.config import Config, ModelConfig
 from mim4dd.data import load_dataset
@@ -51,24 +51,6 @@ class Row:
     steps: int
     ratio: float  # median / median of dm at lam = 0, wall clock
     cpu_ratio: float  # the same on CPU time
-
-
-def time_interleaved(distillers: list[Distiller], steps: int, device: torch.device):
-    """Warm each up with one step, then `steps` timed steps each, in alternating order."""
-    for distiller in distillers:
-        distiller.step()
-    sync(device)
-    wall: list[list[float]] = [[] for _ in distillers]
-    cpu: list[list[float]] = [[] for _ in distillers]
-    forward = list(range(len(distillers)))
-    for i in range(steps):
-        for which in forward if i % 2 == 0 else forward[::-1]:
-            started, started_cpu = time.perf_counter(), time.process_time()
-            distillers[which].step()
-            sync(device)
-            wall[which].append(time.perf_counter() - started)
-            cpu[which].append(time.process_time() - started_cpu)
-    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,10 @@ import json
 import platform
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
-from _common import print_table, sync
+from _common import print_table, time_interleaved
 
 from mim4dd.config import Config, ModelConfig
 from mim4dd.data import DATASETS, RealData, Split, load_dataset
@@ -65,25 +64,6 @@ def generated_cifar_like(per_class: int, seed: int = 0) -> RealData:
     return RealData(
         info, train=split(per_class), val=split(10), test=split(10), class_names=CIFAR10_CLASSES
     )
-
-
-def time_pair(base: Distiller, mim: Distiller, steps: int, device: torch.device):
-    """Warm both up with one step, then `steps` timed steps each, interleaved A B B A ..."""
-    for distiller in (base, mim):
-        distiller.step()
-    sync(device)
-    wall: dict[int, list[float]] = {0: [], 1: []}
-    cpu: dict[int, list[float]] = {0: [], 1: []}
-    pair = (base, mim)
-    for i in range(steps):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for which in order:
-            started, started_cpu = time.perf_counter(), time.process_time()
-            pair[which].step()
-            sync(device)
-            wall[which].append(time.perf_counter() - started)
-            cpu[which].append(time.process_time() - started_cpu)
-    return (wall[0], cpu[0]), (wall[1], cpu[1])
 
 
 def print_results(rows: list[Row], title: str) -> None:
@@ -139,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             base = Distiller(Config(lam=0.0, **common), data)
             mim = Distiller(Config(lam=args.lam, **common), data)
-            (w_base, c_base), (w_mim, c_mim) = time_pair(base, mim, args.steps, device)
+            (w_base, w_mim), (c_base, c_mim) = time_interleaved([base, mim], args.steps, device)
             m_base, m_mim = statistics.median(w_base), statistics.median(w_mim)
             cm_base, cm_mim = statistics.median(c_base), statistics.median(c_mim)
             for lam, wall, cpu, ratio, cpu_ratio in (
