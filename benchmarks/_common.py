@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import platform
 import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from mim4dd.distill import resolve_device
+
+
+def prepare(device_name: str, threads: int) -> torch.device:
+    """Set torch's CPU threads (0 keeps the default), resolve the device, print the machine."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device_name)
+    print(f"torch {torch.__version__} | device {device} | CPU threads {torch.get_num_threads()} | "
+          f"{platform.processor() or platform.machine()} | python {platform.python_version()}")
+    return device
 
 
 def sync(device: torch.device) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,11 +29,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from _common import print_table, time_interleaved
+from _common import prepare, print_table, time_interleaved
 
 from mim4dd.config import Config, ModelConfig
 from mim4dd.data import load_dataset
-from mim4dd.distill import Distiller, resolve_device
+from mim4dd.distill import Distiller
 from mim4dd.experts import train_experts
 
 BASES = ["dm", "dc", "mtt"]
@@ -69,12 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.lam <= 0 or args.experts < 1 or args.expert_epochs < 2:
         parser.error("need --steps >= 1, --lam > 0, --experts >= 1 and --expert-epochs >= 2")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = prepare(args.device, args.threads)
 
-    print(f"torch {torch.__version__} | device {device} | CPU threads {torch.get_num_threads()} | "
-          f"{platform.processor() or platform.machine()} | python {platform.python_version()}")
     print(f"FashionMNIST, IPC {args.ipc}, batch_real {args.batch_real}, ConvNet-3 width "
           f"{args.width}; {args.steps} timed steps after 1 warm-up, 6 configurations interleaved")
     data = load_dataset("FashionMNIST")

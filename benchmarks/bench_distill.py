@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
-from _common import print_table, time_interleaved
+from _common import prepare, print_table, time_interleaved
 
 from mim4dd.config import Config, ModelConfig
 from mim4dd.data import DATASETS, RealData, Split, load_dataset
-from mim4dd.distill import Distiller, resolve_device
+from mim4dd.distill import Distiller
 
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -93,12 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.lam <= 0:
         parser.error("--steps must be >= 1 and --lam > 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = prepare(args.device, args.threads)
 
-    print(f"torch {torch.__version__} | device {device} | CPU threads {torch.get_num_threads()} | "
-          f"{platform.processor() or platform.machine()} | python {platform.python_version()}")
     print(f"DM base, ConvNet-3 width {args.width}; {args.steps} timed steps after 1 warm-up, "
           f"lam=0 and lam={args.lam:g} interleaved")
 

@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from collections import defaultdict
 
 import torch
-from _common import print_table, sync
+from _common import prepare, print_table, sync
 
 from mim4dd.config import EvalConfig, ModelConfig
 from mim4dd.data import RealData, Split, load_dataset
-from mim4dd.distill import resolve_device
 from mim4dd.evaluate import Evaluator
 
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -87,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="which real images form the set")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = prepare(args.device, args.threads)
 
     full = load_dataset("FashionMNIST")
     data = RealData(full.info, full.train, head(full.val, args.val_images),
@@ -99,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = Evaluator(eval_config, ModelConfig(width=args.width), data, DSA_STRATEGY, device)
     timer = PhaseTimer(evaluator, device)
 
-    print(f"torch {torch.__version__} | device {device} | CPU threads {torch.get_num_threads()} | "
-          f"{platform.processor() or platform.machine()} | python {platform.python_version()}")
     print(f"FashionMNIST, ConvNet-3 width {args.width}, {args.num_nets} nets, {args.epochs} epochs, "
           f"batch {args.batch_size}, DSA {'off' if args.no_dsa else 'on'}, "
           f"test images {len(data.test)}, val images {len(data.val)}, repeats {args.repeats}")
