@@ -59,9 +59,10 @@ class Distiller:
         self.train_images = self.data.train.images.to(self.device)
         self.train_labels = self.data.train.labels.to(self.device)
 
-        self.syn_labels = torch.arange(info.num_classes).repeat_interleave(config.ipc)
+        self.syn_labels = torch.arange(info.num_classes, device=self.device).repeat_interleave(
+            config.ipc
+        )
         self.images = self._initial_images().to(self.device).requires_grad_(True)
-        self.syn_labels = self.syn_labels.to(self.device)
         self.image_optimizer = torch.optim.SGD(
             [self.images], lr=config.lr_img, momentum=config.momentum_img
         )
@@ -83,10 +84,11 @@ class Distiller:
         if self.config.init == "noise":
             shape = (len(self.syn_labels), *self.data.image_shape)
             return torch.randn(shape, generator=generator)
-        if int(self.data.by_class.counts.min()) < self.config.ipc:
+        smallest = int(self.data.by_class.counts.min())
+        if smallest < self.config.ipc:
             raise ValueError(
                 f"ipc={self.config.ipc} needs at least that many training images per class; "
-                f"the smallest class has {int(self.data.by_class.counts.min())} (use init: noise)"
+                f"the smallest class has {smallest} (use init: noise)"
             )
         images, _ = self.data.sample_per_class(self.config.ipc, generator)
         return images.clone()
