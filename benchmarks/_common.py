@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mim4dd.distill import resolve_device
+from mim4dd.device import resolve_device
 
 
 def prepare(device_name: str, threads: int) -> torch.device:

@@ -12,19 +12,21 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mim4dd.config import Config
+from mim4dd.atomic import write_atomic
+from mim4dd.config import Config, EvalConfig
 from mim4dd.data import DatasetError
-from mim4dd.distill import DistillCallback, Distiller
+from mim4dd.distill import Distiller, save_state
+from mim4dd.experiment import (
+    RESULTS_FILE, STATE_FILE, ExperimentCallback, evaluate_synset, finished_in, load_data,
+    run_experiment,
+)
 from mim4dd.objectives import DivergenceError
-from mim4dd.experiment import ExperimentResult, evaluate_synset, load_data
+from mim4dd.settings import set_dotted, validation_problems
 from mim4dd.synset import SyntheticSet, SyntheticSetError
 
 app = typer.Typer(help="MIM4DD dataset distillation engine.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console(stderr=True, soft_wrap=True)  # paths and messages stay greppable
-
-STATE_FILE = "state.pt"
-RESULTS_FILE = "results.json"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -43,21 +45,16 @@ def _build_config(config_file: Path | None, settings: dict[str, Any]) -> Config:
     tree: dict[str, Any] = {}
     if config_file is not None:
         tree = yaml.safe_load(config_file.read_text()) or {}
-    for dotted, value in settings.items():
-        if value is None:
-            continue
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
     try:
+        for dotted, value in settings.items():
+            if value is not None:
+                set_dotted(tree, dotted, value)
         return Config.model_validate(tree)
     except ValidationError as exc:
-        problems = "\n".join(
-            f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "\n".join(f"  {line}" for line in validation_problems(exc))
         raise _fail(f"invalid configuration:\n{problems}") from None
+    except ValueError as exc:  # a dotted path through a plain value
+        raise _fail(str(exc)) from None
 
 
 def default_out_dir(config: Config) -> Path:
@@ -65,11 +62,17 @@ def default_out_dir(config: Config) -> Path:
     return Path("runs") / f"{config.dataset}-ipc{config.ipc}-{config.base}-lam{config.lam:g}-seed{config.seed}"
 
 
-class _ProgressCallback(DistillCallback):
-    """A rich progress bar with the loss, plus a resumable state file every N iterations."""
+class _ProgressCallback(ExperimentCallback):
+    """A rich progress bar with the loss, a resumable state file every N iterations, and a
+    line when evaluation starts."""
 
-    def __init__(self, progress: Progress, task, state_path: Path, distiller: Distiller):
-        self.progress, self.task, self.state_path, self.distiller = progress, task, state_path, distiller
+    def __init__(self, progress: Progress, task, state_path: Path):
+        self.progress, self.task, self.state_path = progress, task, state_path
+
+    def on_start(self, distiller: Distiller) -> None:
+        if distiller.iteration:
+            console.print(f"resuming from {self.state_path} at iteration {distiller.iteration}")
+        self.progress.update(self.task, completed=distiller.iteration)
 
     def on_iteration(self, iteration: int, metrics: dict[str, float]) -> None:
         loss = f"loss {metrics['loss']:.4g} (base {metrics['loss_base']:.4g}"
@@ -78,7 +81,11 @@ class _ProgressCallback(DistillCallback):
                              rate=f"{1 / max(metrics['seconds_per_iteration'], 1e-9):.2f} it/s")
 
     def on_checkpoint(self, iteration: int, state: dict) -> None:
-        self.distiller.save_state(self.state_path)
+        save_state(state, self.state_path)
+
+    def on_evaluation_start(self, config: EvalConfig) -> None:
+        self.progress.stop()
+        console.print(f"evaluating: {config.num_nets} networks x {config.epochs} epochs")
 
 
 def _progress() -> Progress:
@@ -117,34 +124,24 @@ def distill(
     values.update(_parse_assignment(s) for s in settings or [])
     config = _build_config(config_file, values)
     out = out or default_out_dir(config)
-    results_path, state_path = out / RESULTS_FILE, out / STATE_FILE
-    if not force and results_path.exists():
-        done = json.loads(results_path.read_text())
-        if done.get("config") == config.model_dump(mode="json"):
-            console.print(f"{out} already holds this run; nothing to do (--force to redo).")
-            return
+    state_path = out / STATE_FILE
+    if not force and finished_in(out, config):
+        console.print(f"{out} already holds this run; nothing to do (--force to redo).")
+        return
+    resume = state_path if state_path.exists() and not force else None
     try:
-        data = load_data(config)
-        distiller = Distiller(config, data)
-        if state_path.exists() and not force:
-            distiller.load_state(state_path)
-            console.print(f"resuming from {state_path} at iteration {distiller.iteration}")
         out.mkdir(parents=True, exist_ok=True)
         with _progress() as progress:
             task = progress.add_task(f"distill {config.dataset} ipc={config.ipc} λ={config.lam:g}",
-                                     total=config.iterations, completed=distiller.iteration,
-                                     loss="", rate="")
-            callback = _ProgressCallback(progress, task, state_path, distiller)
-            synset = distiller.run(callback, checkpoint_every=checkpoint_every)
-        evaluation = None
-        if evaluate:
-            with console.status(f"evaluating: {config.eval.num_nets} networks x "
-                                f"{config.eval.epochs} epochs"):
-                evaluation = evaluate_synset(synset, config, data)
+                                     total=config.iterations, loss="", rate="")
+            result = run_experiment(config, callback=_ProgressCallback(progress, task, state_path),
+                                    evaluate=evaluate, state=resume,
+                                    checkpoint_every=checkpoint_every)
     except (DatasetError, DivergenceError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    ExperimentResult(synset, evaluation).save(out)
+    result.save(out)
     state_path.unlink(missing_ok=True)
+    evaluation = result.evaluation
     console.print(f"wrote {out} (synset.safetensors, manifest.json, grid.png, {RESULTS_FILE})")
     if evaluation is not None:
         console.print(f"test accuracy: [bold]{evaluation}[/bold]  (validation {100 * evaluation.val_mean:.2f} %)")
@@ -177,8 +174,9 @@ def evaluate_command(
     except DatasetError as exc:
         raise _fail(str(exc)) from None
     out = out or path / "evaluation.json"
-    out.write_text(json.dumps({"set": str(path), "eval": config.eval.model_dump(mode="json"),
-                               "evaluation": evaluation.to_dict()}, indent=2) + "\n")
+    text = json.dumps({"set": str(path), "eval": config.eval.model_dump(mode="json"),
+                       "evaluation": evaluation.to_dict()}, indent=2) + "\n"
+    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     console.print(f"test accuracy: [bold]{evaluation}[/bold]; wrote {out}")
 
 
@@ -188,8 +186,9 @@ def experts_command(
         Optional[Path], typer.Option("--config", help="YAML with Config fields")
     ] = None,
     dataset: Annotated[Optional[str], typer.Option(help="dataset the experts train on")] = None,
-    seed: Annotated[
-        Optional[int], typer.Option(help="run seed (it fixes the validation split)")
+    split_seed: Annotated[
+        Optional[int], typer.Option(help="seed of the validation hold-out the experts never "
+                                         "see (each expert's own seed comes from its index)")
     ] = None,
     data_root: Annotated[Optional[str], typer.Option()] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
@@ -206,7 +205,8 @@ def experts_command(
     """Train (or finish) the expert-trajectory buffer that `--set base=mtt` distillation reads."""
     from mim4dd.experts import ExpertBufferError, expert_dir, train_experts
 
-    values = {"dataset": dataset, "seed": seed, "data_root": data_root, "device": device}
+    values = {"dataset": dataset, "split_seed": split_seed, "data_root": data_root,
+              "device": device}
     values.update(_parse_assignment(s) for s in settings or [])
     config = _build_config(config_file, values)
     count = num_experts or config.num_experts

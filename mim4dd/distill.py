@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mim4dd.atomic import write_atomic
 from mim4dd.config import Config
 from mim4dd.data import RealData, load_for
-from mim4dd.models import block_shapes
-from mim4dd.objectives import BASES, DivergenceError, MIMTerm, StepBatch
+from mim4dd.device import resolve_device
+from mim4dd.objectives.base import DivergenceError, StepBatch
+from mim4dd.objectives.mim import MIMTerm
+from mim4dd.bases import base_class
 from mim4dd.synset import SyntheticSet
 
 STATE_VERSION = 1
@@ -37,12 +40,6 @@ class DistillCallback:
     def on_checkpoint(self, iteration: int, state: dict) -> None: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def step_seed(seed: int, iteration: int, stream: int = 0) -> int:
     """A well-mixed 63-bit seed from the run seed, the iteration and a stream tag."""
     entropy = [seed, stream, iteration]
@@ -55,7 +52,7 @@ class Distiller:
         self.device = resolve_device(config.device)
         self.data = data or load_for(config)
         info = self.data.info
-        self.objective = BASES[config.base](config, self.data, self.device)
+        self.objective = base_class(config.base)(config, self.data, self.device)
         self.train_images = self.data.train.images.to(self.device)
         self.train_labels = self.data.train.labels.to(self.device)
 
@@ -69,11 +66,10 @@ class Distiller:
         self.schedule = torch.optim.lr_scheduler.MultiStepLR(
             self.image_optimizer, milestones=config.lr_milestones, gamma=config.lr_gamma
         )
-        shapes = block_shapes(info.channels, info.image_size, config.model)
-        pooled = [shapes[k][0] * config.mim_grid**2 for k in config.blocks]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.mim = MIMTerm(pooled, config.head_dim, config.tau).to(self.device)
+            self.mim = MIMTerm(self.objective.feature_dims(), config.head_dim, config.tau)
+            self.mim.to(self.device)
         self.head_optimizer = torch.optim.SGD(
             self.mim.parameters(), lr=config.lr_heads, momentum=config.momentum_img
         )
@@ -220,14 +216,20 @@ class Distiller:
         self.iteration = int(state["iteration"])
 
     def save_state(self, path: str | Path) -> None:
-        path = Path(path)
-        partial = path.with_suffix(path.suffix + ".partial")
-        torch.save(self.state_dict(), partial)
-        partial.replace(path)  # atomic: a kill mid-write leaves the previous state intact
+        save_state(self.state_dict(), path)
 
     def load_state(self, path: str | Path) -> None:
-        # weights_only: tensors and plain containers only; never runs code from the file.
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.load_state_dict(read_state(path))
+
+
+def save_state(state: dict, path: str | Path) -> None:
+    """A `state_dict()` to a file, atomically: a kill mid-write leaves the previous one."""
+    write_atomic(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def read_state(path: str | Path) -> dict:
+    # weights_only: tensors and plain containers only; never runs code from the file.
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def distill(

@@ -11,6 +11,7 @@ is the same code with groups of one network, so both paths compute the same thin
 from __future__ import annotations
 
 import copy
+import re
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -24,6 +25,19 @@ from mim4dd.data import RealData, Split
 from mim4dd.models import build_model
 
 TEST_BATCH = 1024
+
+# Metric names of an evaluation, the one place they are spelled: logged by the sweep service,
+# read back by its status, report and aggregation.
+EVAL_PREFIX = "eval/"
+TEST_ACC_MEAN = f"{EVAL_PREFIX}test_acc_mean"
+TEST_ACC_STD = f"{EVAL_PREFIX}test_acc_std"
+VAL_ACC_MEAN = f"{EVAL_PREFIX}val_acc_mean"
+NET_TEST_ACC = re.compile(rf"^{EVAL_PREFIX}test_acc_net(\d+)$")  # group 1: the network
+
+
+def net_metric(split: str, index: int) -> str:
+    """Name of network `index`'s accuracy on `split` ("test" or "val")."""
+    return f"{EVAL_PREFIX}{split}_acc_net{index}"
 
 
 @dataclass
@@ -44,6 +58,15 @@ class EvalResult:
     @property
     def val_mean(self) -> float:
         return statistics.fmean(self.val_accuracies) if self.val_accuracies else float("nan")
+
+    def metrics(self) -> dict[str, float]:
+        """Per-network and summary accuracies, by their metric names."""
+        found = {net_metric("test", i): a for i, a in enumerate(self.test_accuracies)}
+        found |= {net_metric("val", i): a for i, a in enumerate(self.val_accuracies)}
+        found |= {TEST_ACC_MEAN: self.mean, TEST_ACC_STD: self.std}
+        if self.val_accuracies:
+            found[VAL_ACC_MEAN] = self.val_mean
+        return found
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": self.mean, "std": self.std, "val_mean": self.val_mean}

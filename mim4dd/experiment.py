@@ -1,7 +1,10 @@
-"""One experiment = one distillation followed by its N-network evaluation.
+"""One experiment: load the data, distill (resuming from a saved state), evaluate, save.
 
-This is the unit a sweep trial runs and what `mim4dd distill` does; both call `run_experiment`
-so a trial and a notebook compute the same thing.
+`run_experiment` is the one place this pipeline is written. `mim4dd distill` and the sweep
+service's Tune trainable are thin callers: each passes an `ExperimentCallback` that receives
+every step's metrics, the state at checkpoint steps and the start of the evaluation, and does
+its own thing with them (a progress bar and a state file; Tune reports and MLflow). A notebook
+calls it with no callback at all.
 """
 
 from __future__ import annotations
@@ -9,12 +12,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mim4dd.config import Config
+from mim4dd.atomic import write_atomic
+from mim4dd.config import Config, EvalConfig
 from mim4dd.data import RealData, load_for
-from mim4dd.distill import DistillCallback, Distiller, resolve_device
+from mim4dd.device import resolve_device
+from mim4dd.distill import DistillCallback, Distiller, read_state
 from mim4dd.evaluate import EvalResult, Evaluator
 from mim4dd.synset import SyntheticSet
+
+RESULTS_FILE = "results.json"  # beside a saved set: its config, progress and evaluation
+STATE_FILE = "state.pt"  # a resumable distillation state (`Distiller.state_dict`)
+
+
+class ExperimentCallback(DistillCallback):
+    """Distillation progress (see `DistillCallback`) plus the experiment's later stages."""
+
+    def on_evaluation_start(self, config: EvalConfig) -> None: ...
 
 
 @dataclass
@@ -22,19 +37,35 @@ class ExperimentResult:
     synset: SyntheticSet
     evaluation: EvalResult | None
 
-    def results_dict(self) -> dict:
+    def results_dict(self, **extra: Any) -> dict:
+        """What `RESULTS_FILE` holds; `extra` (e.g. the sweep and trial key) goes first."""
         return {
+            **extra,
             "config": self.synset.manifest["config"],
             "iterations_done": self.synset.manifest.get("iterations_done"),
             "evaluation": self.evaluation.to_dict() if self.evaluation else None,
         }
 
-    def save(self, directory: str | Path) -> Path:
-        """The set (safetensors + manifest + PNG grid) and results.json side by side."""
-        directory = Path(directory)
-        self.synset.save(directory)
-        (directory / "results.json").write_text(json.dumps(self.results_dict(), indent=2) + "\n")
+    def write_results(self, path: str | Path, **extra: Any) -> Path:
+        path = Path(path)
+        text = json.dumps(self.results_dict(**extra), indent=2) + "\n"
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return path
+
+    def save(self, directory: str | Path, **extra: Any) -> Path:
+        """The set (safetensors + manifest + PNG grid) and `RESULTS_FILE` side by side."""
+        directory = self.synset.save(directory)
+        self.write_results(directory / RESULTS_FILE, **extra)
         return directory
+
+
+def finished_in(directory: str | Path, config: Config) -> bool:
+    """True when `directory` holds the results of a run of exactly this config."""
+    try:
+        done = json.loads((Path(directory) / RESULTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(done, dict) and done.get("config") == config.model_dump(mode="json")
 
 
 def load_data(config: Config) -> RealData:
@@ -57,14 +88,25 @@ def run_experiment(
     data: RealData | None = None,
     callback: DistillCallback | None = None,
     evaluate: bool = True,
-    state: dict | None = None,
+    state: dict | str | Path | None = None,
     checkpoint_every: int = 0,
 ) -> ExperimentResult:
-    """Distill (resuming from `state` if given), then evaluate on the real test split."""
+    """Distill (continuing from `state`, a state dict or a `STATE_FILE`, if given), then
+    evaluate on the real test split. `callback.on_checkpoint` gets the state every
+    `checkpoint_every` iterations; saving it is the caller's choice."""
+    callback = callback or ExperimentCallback()
     data = data or load_data(config)
     distiller = Distiller(config, data)
     if state is not None:
-        distiller.load_state_dict(state)
+        distiller.load_state_dict(state if isinstance(state, dict) else read_state(state))
     synset = distiller.run(callback, checkpoint_every=checkpoint_every)
-    evaluation = evaluate_synset(synset, config, data) if evaluate else None
+    evaluation = None
+    if evaluate:
+        if isinstance(callback, ExperimentCallback):
+            callback.on_evaluation_start(config.eval)
+        evaluation = evaluate_synset(synset, config, data)
     return ExperimentResult(synset, evaluation)
+
+
+__all__ = ["RESULTS_FILE", "STATE_FILE", "ExperimentCallback", "ExperimentResult",
+           "evaluate_synset", "evaluator_for", "finished_in", "load_data", "run_experiment"]

@@ -33,6 +33,7 @@ from mim4dd.augment import DSA
 from mim4dd.config import Config
 from mim4dd.data import RealData, candidate_roots, load_for
 from mim4dd.atomic import write_atomic
+from mim4dd.device import resolve_device
 from mim4dd.flat import FlatParams
 from mim4dd.models import build_model
 
@@ -116,7 +117,6 @@ def train_expert(
     One expert per call, so experts can be trained in parallel (say, as Ray tasks) and the
     manifest written afterwards with `write_manifest`.
     """
-    from mim4dd.distill import resolve_device  # distill imports objectives, which import us
 
     data = data or load_for(config)
     device = resolve_device(config.device)

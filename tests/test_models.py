@@ -17,7 +17,7 @@ def test_convnet_shapes(channels, size, expected):
     maps = net.block_features(x)
     assert [tuple(m.shape[1:]) for m in maps] == expected
     assert block_shapes(channels, size, ModelConfig()) == expected
-    assert net.embed(x).shape == (2, 128 * 16) if size != 8 else (2, 128)
+    assert net.embed(x).shape == ((2, 128 * 16) if size != 8 else (2, 128))
     assert net(x).shape == (2, 10)
     assert torch.equal(net.embed(x), maps[-1].flatten(1))
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from mim4dd.augment import DSA
 from mim4dd.config import Config
 from mim4dd.data import RealData
+from mim4dd.models import block_shapes
+from mim4dd.objectives.mim import pool_to_grid
 
 
 @dataclass
@@ -45,13 +48,38 @@ class MatchOutput:
 
 
 class MatchingObjective(ABC):
-    """A base distillation objective L_base. MIM4DD adds lambda * L_MIM on its features."""
+    """A base distillation objective L_base. MIM4DD adds lambda * L_MIM on its features.
+
+    Everything specific to a base lives on its class: the step (`match`, `after_backward`),
+    its own trained tensors and state, its config checks, whether it reads expert buffers, and
+    its MIM feature taps. Register a new one in `mim4dd/bases.py`.
+    """
+
+    needs_experts: ClassVar[bool] = False  # reads an expert-trajectory buffer (the sweep
+    # service trains missing ones before any trial starts)
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Raise ValueError (one sentence naming the fields) for settings this base cannot run.
+        Called by `Config` validation, so a sweep refuses them before anything launches."""
+        del config
 
     def __init__(self, config: Config, data: RealData, device: torch.device):
         self.config = config
         self.data = data
         self.device = device
         self.dsa = DSA(config.dsa_strategy, drop_flip=data.info.is_digits)
+
+    def feature_dims(self) -> list[int]:
+        """Width of each MIM tap (`taps`): channels x grid x grid of every block read."""
+        info, config = self.data.info, self.config
+        shapes = block_shapes(info.channels, info.image_size, config.model)
+        return [shapes[k][0] * config.mim_grid**2 for k in config.blocks]
+
+    def taps(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The MIM term's features from a network's per-block maps: the blocks it reads,
+        each average-pooled to a grid x grid summary and flattened."""
+        return [pool_to_grid(maps[k], self.config.mim_grid) for k in self.config.blocks]
 
     @abstractmethod
     def match(self, batch: StepBatch, with_features: bool) -> MatchOutput:

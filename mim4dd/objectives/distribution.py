@@ -7,7 +7,6 @@ import torch
 
 from mim4dd.models import build_model
 from mim4dd.objectives.base import MatchingObjective, MatchOutput, StepBatch
-from mim4dd.objectives.mim import pool_to_grid
 
 # Real images go through the frozen network in chunks, so 100 classes x 256 images never
 # hold all first-block activations at once.
@@ -41,8 +40,7 @@ class DistributionMatching(MatchingObjective):
         maps = net.block_features(images)
         if not with_features:
             return maps[-1].flatten(1), []
-        features = [pool_to_grid(maps[k], self.config.mim_grid) for k in self.config.blocks]
-        return maps[-1].flatten(1), features
+        return maps[-1].flatten(1), self.taps(maps)
 
 
 def _class_means(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

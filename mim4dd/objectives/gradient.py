@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from mim4dd.models import build_model
 from mim4dd.objectives.base import MatchingObjective, MatchOutput, StepBatch
-from mim4dd.objectives.mim import pool_to_grid
 
 EPS = 1e-6  # keeps the cosine finite for an all-zero gradient row, as in the reference
 # (outer_loop, inner_loop) of the reference implementation at the IPCs it supports.
@@ -114,9 +113,8 @@ class GradientMatching(MatchingObjective):
             distances.append(gradient_distance(g_syn, [g.detach() for g in g_real],
                                                self.config.dis_metric))
             if with_features:
-                blocks = self.config.blocks
-                real_features.append([self._pool(real_maps[k].detach()) for k in blocks])
-                syn_features.append([self._pool(syn_maps[k]) for k in blocks])
+                real_features.append(self.taps([m.detach() for m in real_maps]))
+                syn_features.append(self.taps(syn_maps))
         base_loss = torch.stack(distances).sum()
         if not with_features:
             return MatchOutput(base_loss)
@@ -131,9 +129,6 @@ class GradientMatching(MatchingObjective):
     def _forward(net, images: torch.Tensor):
         maps = net.block_features(images)
         return maps, net.classifier(maps[-1].flatten(1))
-
-    def _pool(self, maps: torch.Tensor) -> torch.Tensor:
-        return pool_to_grid(maps, self.config.mim_grid)
 
     def after_backward(self, batch: StepBatch) -> None:
         """Train the network on the updated synthetic set (the reference's inner loop)."""

@@ -27,7 +27,6 @@ from mim4dd.flat import FlatParams
 from mim4dd.models import build_model
 from mim4dd.objectives.base import DivergenceError, MatchingObjective, MatchOutput, StepBatch
 from mim4dd.objectives.distribution import REAL_CHUNK
-from mim4dd.objectives.mim import pool_to_grid
 
 LR_MOMENTUM = 0.5  # of the step size's optimiser, as in the reference
 
@@ -69,6 +68,21 @@ def normalised_distance(
 
 
 class TrajectoryMatching(MatchingObjective):
+    needs_experts = True
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        last_target = config.max_start_epoch - 1 + config.expert_epochs
+        if last_target > config.expert_train_epochs:
+            raise ValueError(
+                f"max_start_epoch ({config.max_start_epoch}) - 1 + expert_epochs "
+                f"({config.expert_epochs}) = {last_target} exceeds expert_train_epochs "
+                f"({config.expert_train_epochs}): targets past the trajectory's end"
+            )
+        if config.model.norm == "batch":
+            raise ValueError("base mtt needs model.norm instance or none: an unrolled "
+                             "functional student keeps no batch-norm running statistics")
+
     def __init__(self, config, data, device):
         super().__init__(config, data, device)
         info = data.info
@@ -106,8 +120,7 @@ class TrajectoryMatching(MatchingObjective):
         return MatchOutput(base_loss, real_features, self._features(student, syn))
 
     def _features(self, flat: torch.Tensor, images: torch.Tensor) -> list[torch.Tensor]:
-        maps = self.model.block_features(flat, images)
-        return [pool_to_grid(maps[k], self.config.mim_grid) for k in self.config.blocks]
+        return self.taps(self.model.block_features(flat, images))
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.syn_lr]
