@@ -47,7 +47,7 @@ ENV_UNSET = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MIM4DD_RAY_STORAGE")  # loca
 def make_spec(name: str, args: argparse.Namespace, concurrent: int) -> dict[str, Any]:
     return {
         "name": name,
-        "base": {
+        "engine": {
             "dataset": "digits", "ipc": 1, "iterations": args.trials_iterations,
             "batch_real": args.batch_real, "device": "cpu",
             "model": {"width": args.width},
@@ -97,7 +97,7 @@ def run_service(spec_dict: dict[str, Any]) -> dict[str, Any]:
     import ray
     from mlflow import MlflowClient
 
-    from orchestrator import experts, service, tracking
+    from orchestrator import experts, service, tracking, tune_run
     from orchestrator.spec import parse_spec
 
     spec = parse_spec(spec_dict)
@@ -106,12 +106,12 @@ def run_service(spec_dict: dict[str, Any]) -> dict[str, Any]:
         os.environ[tracking.HOME_ENV] = home
         with ExitStack() as stack:
             for module, name, label in (
-                (service, "_init_ray", "ray_start"),
+                (tune_run, "_init_ray", "ray_start"),
                 (ray, "shutdown", "ray_shutdown"),
                 (tracking, "connect", "mlflow_store"),
                 (tracking, "ensure_experiment", "mlflow_store"),
                 (experts, "prepare", "expert_stage"),
-                (service, "_run_tune", "tune_fit"),
+                (service, "run_tune", "tune_fit"),
                 (service, "_aggregate", "aggregate"),
             ):
                 stack.enter_context(timed(module, name, spent, label))

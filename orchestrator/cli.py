@@ -3,7 +3,8 @@
 `mim4dd-sweep experts` runs only the stage that trains the expert buffers of a sweep's
 trajectory-matching trials; `launch` runs that stage by itself before the trials.
 
-The commands parse arguments and print; the work is in `orchestrator.service`. Heavy imports
+The commands parse arguments and print; the work is in `orchestrator.service` (launching) and
+`orchestrator.queries` (status, report, pull). Heavy imports
 (Ray, MLflow) happen inside the commands, so a bad sweep file fails fast and starts nothing.
 """
 
@@ -114,9 +115,12 @@ def experts(
 
 def _load(spec_file: Path, address: str | None, tracking_uri: str | None) -> SweepSpec:
     try:
-        return load_spec(spec_file, address=address, tracking_uri=tracking_uri)
+        spec = load_spec(spec_file, address=address, tracking_uri=tracking_uri)
     except SpecError as exc:
         raise _fail(f"invalid sweep file {spec_file}:\n{exc}", 2) from None
+    for notice in spec.notices:
+        typer.echo(f"{spec_file}: {notice}", err=True)
+    return spec
 
 
 def _print_summary(summary: Any, name: str) -> None:
@@ -142,7 +146,7 @@ def status(
     name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,
 ) -> None:
     """Trials done / running / failed, with each trial's progress, from MLflow."""
-    from orchestrator.service import sweep_status
+    from orchestrator.queries import sweep_status
 
     try:
         report = sweep_status(name, tracking_uri)
@@ -170,7 +174,7 @@ def report(
     name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,
 ) -> None:
     """The aggregated accuracy table of a sweep (mean ± std per grid cell)."""
-    from orchestrator.service import sweep_report
+    from orchestrator.queries import sweep_report
 
     try:
         summary = sweep_report(name, tracking_uri)
@@ -209,7 +213,7 @@ def pull(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Download a trial's synthetic set, verify its checksum, and say how to load it."""
-    from orchestrator.service import pull_set
+    from orchestrator.queries import pull_set
 
     values = {"dataset": dataset, "ipc": ipc, "lam": lam, "seed": seed, **_where(where or [])}
     try:
@@ -233,7 +237,7 @@ def ui(
 ) -> None:
     """Open the MLflow UI on the embedded store (runs `mlflow ui`)."""
     from orchestrator import tracking
-    from orchestrator.service import ui_command
+    from orchestrator.queries import ui_command
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if not tracking.is_embedded(uri):

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from mim4dd.bases import base_class
 from mim4dd.config import Config
 from mim4dd.data import RealData, load_dataset, load_for
 from mim4dd.experts import (
@@ -74,7 +75,7 @@ class Buffer:
 
 
 def needs_experts(trial: Trial) -> bool:
-    return trial.config.base == "mtt"
+    return base_class(trial.config.base).needs_experts
 
 
 # --- what the trials need ------------------------------------------------------------------
@@ -154,7 +155,7 @@ def _manifest(folder: Path) -> dict[str, Any] | None:
 
 def describe(trials: list[Trial]) -> list[dict[str, Any]]:
     """Dry-run rows, one per buffer, checked on this machine without downloading anything."""
-    wanted = [(t.key, t.config.model_dump(mode="json")) for t in trials if needs_experts(t)]
+    wanted = [(t.key, t.values()) for t in trials if needs_experts(t)]
     return [buffer.row() for buffer in check_buffers(wanted, download=False)]
 
 
@@ -169,7 +170,7 @@ def prepare(
     manifest text)` follows each buffer sealed here. Raises ExpertStageError."""
     import ray
 
-    wanted = [(t.key, t.config.model_dump(mode="json")) for t in trials if needs_experts(t)]
+    wanted = [(t.key, t.values()) for t in trials if needs_experts(t)]
     if not wanted:
         return []
     console = console or Console(stderr=True)

@@ -1,41 +1,32 @@
-"""Sweep files: their schema, their validation and their expansion into trials.
+"""Sweep files: their schema, reading them, and their trials (expanded once, on load).
 
-A sweep file names engine `Config` fields by dotted path (``lam``, ``eval.epochs``). Everything
-is checked here, before anything launches, and every problem found is reported at once in one
+A sweep file names engine `Config` fields by dotted path (``lam``, ``eval.epochs``) in its
+`engine` section (settings every trial shares) and its `grid` (the axes swept). Everything is
+checked here, before anything launches, and every problem found is reported at once in one
 `SpecError`, each line naming the field that caused it::
 
     grid.lamda: unknown engine field 'lamda'; did you mean 'lam'? (allowed: dataset, ...)
     grid.ipc[1]: Input should be greater than 0 (got 0)
 
-Expansion: the cartesian product of the `grid` axes (first axis varies slowest), minus the
-grid points an `exclude` row matches, then one trial per `include` row. Each trial's engine
-config is `base` with the trial's values on top; nested mappings merge field by field, so
-``base: {eval: {epochs: 20}}`` and ``base: {eval.epochs: 20}`` mean the same thing.
+How the trials are made from the file is in `orchestrator.expand`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from mim4dd.config import Config
+from mim4dd.settings import describe_error, get_dotted, loc_text
+from orchestrator.expand import BASE_KEY, Trial, expand, path_problem, render
 
 DEFAULT_EXPERIMENT = "mim4dd"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-BASE_KEY = "(base)"  # key of a trial that overrides nothing
-
-# A leaf is one engine setting taken from the sweep file: dotted path -> (value, where it was
-# written, e.g. "grid.ipc[1]"), so engine errors can be traced back to a line of the file.
-Leaves = dict[str, tuple[Any, str]]
+ENGINE_KEY = "engine"
+OLD_ENGINE_KEY = "base"  # the engine section's name before 0.2; still read, with a notice
 
 
 class SpecError(ValueError):
@@ -56,14 +47,14 @@ class Resources(BaseModel):
 
 
 class SweepSpec(BaseModel):
-    """One sweep file. Build it with `load_spec` or `parse_spec`, which also check the trials."""
+    """One sweep file. Build it with `load_spec` or `parse_spec`, which also make its trials."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN, description="identifies the sweep; the resume key")
     experiment: str | None = Field(None, description=f"MLflow experiment ({DEFAULT_EXPERIMENT!r})")
     description: str = ""
-    base: dict[str, Any] = Field(default_factory=dict, description="engine settings for all")
+    engine: dict[str, Any] = Field(default_factory=dict, description="engine settings for all")
     grid: dict[str, list[Any]] = Field(description="dotted engine path -> values to sweep")
     include: list[dict[str, Any]] = Field(default_factory=list, description="extra trials")
     exclude: list[dict[str, Any]] = Field(default_factory=list, description="grid points to drop")
@@ -74,30 +65,27 @@ class SweepSpec(BaseModel):
     ray_address: str | None = None
     tracking_uri: str | None = None
 
+    _trials: list[Trial] | None = PrivateAttr(None)
+    _notices: list[str] = PrivateAttr(default_factory=list)
+
     @property
     def experiment_name(self) -> str:
         return self.experiment or DEFAULT_EXPERIMENT
 
-    def trials(self) -> list[Trial]:
-        """Every trial of the sweep, validated, in a deterministic order. Raises SpecError."""
-        trials, problems = _expand(self)
-        if problems:
-            raise SpecError(problems)
-        return trials
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One point of a sweep."""
-
-    key: str  # canonical id, e.g. "ipc=10,lam=0.8,seed=0"; finds finished trials on resume
-    overrides: dict[str, Any]  # dotted path -> value, as the engine normalised it
-    config: Config  # base + overrides, validated
-
     @property
-    def config_digest(self) -> str:
-        """Short hash of the full engine config: tells a changed `base` from a finished run."""
-        return hashlib.sha256(_config_text(self.config).encode()).hexdigest()[:16]
+    def notices(self) -> list[str]:
+        """What the user should change in the file although it is valid (deprecations)."""
+        return list(self._notices)
+
+    def trials(self) -> list[Trial]:
+        """Every trial of the sweep, validated, in a deterministic order (expanded once).
+        Raises SpecError."""
+        if self._trials is None:
+            trials, problems = _trials_of(self, ENGINE_KEY)
+            if problems:
+                raise SpecError(problems)
+            self._trials = trials
+        return self._trials
 
 
 def load_spec(
@@ -114,19 +102,50 @@ def load_spec(
 
 
 def parse_spec(data: Mapping[str, Any]) -> SweepSpec:
-    """Validate an already-parsed sweep (schema and every trial). Raises SpecError."""
+    """Validate an already-parsed sweep (schema and every trial) and expand its trials.
+    Raises SpecError."""
+    data, label, notices = _renamed_engine(dict(data))
     problems: list[str] = []
     try:
-        spec: SweepSpec | None = SweepSpec.model_validate(dict(data))
+        spec: SweepSpec | None = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        problems += [_schema_problem(err) for err in exc.errors()]
-        spec = _salvage(dict(data), exc)  # so engine problems are reported in the same pass
+        problems += [_schema_problem(err, label) for err in exc.errors()]
+        spec = _salvage(data, exc)  # so engine problems are reported in the same pass
+    trials: list[Trial] = []
     if spec is not None:
-        problems += _expand(spec)[1]
+        trials, found = _trials_of(spec, label)
+        problems += found
     if problems:
         raise SpecError(problems)
     assert spec is not None
+    spec._trials, spec._notices = trials, notices
     return spec
+
+
+def _renamed_engine(data: dict[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
+    """The file with an old `base:` section read as `engine:`; the label its messages use."""
+    if OLD_ENGINE_KEY not in data:
+        return data, ENGINE_KEY, []
+    if ENGINE_KEY in data:
+        raise SpecError([f"{OLD_ENGINE_KEY}: the engine section is given twice, as "
+                         f"{OLD_ENGINE_KEY}: and {ENGINE_KEY}:; keep only {ENGINE_KEY}:"])
+    data[ENGINE_KEY] = data.pop(OLD_ENGINE_KEY)
+    notice = (f"{OLD_ENGINE_KEY}: the engine section is now called {ENGINE_KEY}: (so a sweep "
+              f"reads engine: {{base: dm}}); rename it - {OLD_ENGINE_KEY}: is still read")
+    return data, OLD_ENGINE_KEY, [notice]
+
+
+def _trials_of(spec: SweepSpec, label: str) -> tuple[list[Trial], list[str]]:
+    trials, problems = expand(spec.engine, spec.grid, spec.include, spec.exclude, label)
+    if spec.resources.gpu == 0:
+        devices = sorted({t.config.device for t in trials if t.config.device.startswith("cuda")})
+        if devices:
+            problems.append(
+                f"resources.gpu: trials ask for device {', '.join(devices)} but resources.gpu "
+                "is 0, and Ray hides every GPU from such trials (allowed: a gpu > 0, or "
+                "device 'auto'/'cpu')"
+            )
+    return trials, problems
 
 
 def trial_table(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -137,24 +156,12 @@ def trial_table(spec: SweepSpec) -> list[dict[str, Any]]:
         columns += [path for path in trial.overrides if path not in columns]
     rows = []
     for trial in trials:
-        values = trial.config.model_dump(mode="json")
+        values = trial.values()
         row: dict[str, Any] = {"key": trial.key}
-        row.update({path: _get_dotted(values, path) for path in columns})
+        row.update({path: get_dotted(values, path) for path in columns})
         row.update(cpu=spec.resources.cpu, gpu=spec.resources.gpu)
         rows.append(row)
     return rows
-
-
-def set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
-    """tree["a"]["b"]["c"] = value for path "a.b.c", creating the mappings on the way."""
-    *parents, last = path.split(".")
-    node = tree
-    for name in parents:
-        child = node.setdefault(name, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"cannot set {path!r}: {name!r} holds a value, not a mapping")
-        node = child
-    node[last] = value
 
 
 # --- reading the file ------------------------------------------------------------------------
@@ -216,22 +223,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 # --- schema errors ---------------------------------------------------------------------------
 
 
-def _schema_problem(err: Any) -> str:
+def _schema_problem(err: Any, engine_label: str = ENGINE_KEY) -> str:
     loc = err["loc"]
-    where = _loc_text(loc)
+    if loc[:1] == (ENGINE_KEY,):  # named as the file names it
+        loc = (engine_label, *loc[1:])
+    where = loc_text(loc)
     if err["type"] == "extra_forbidden":
         model = Resources if loc[:1] == ("resources",) else SweepSpec
         name = str(loc[-1])
         hint = ""
-        if model is SweepSpec and _path_problem(name) is None:
-            hint = "; engine settings go under base: (or grid: to sweep them)"
+        if model is SweepSpec and path_problem(name) is None:
+            hint = f"; engine settings go under {ENGINE_KEY}: (or grid: to sweep them)"
         allowed = ", ".join(model.model_fields)
         return f"{where}: unknown sweep field {name!r}{hint} (allowed: {allowed})"
     if loc[:1] == ("grid",) and len(loc) == 2 and err["type"] == "list_type":
         if isinstance(err["input"], dict):
             return f"{where}: grid axes are dotted paths with a list, e.g. 'eval.epochs: [50]'"
-        return f"{where}: an axis is a list of values, e.g. [{_render(err['input'])}]"
-    return f"{where}: {_describe(err)}"
+        return f"{where}: an axis is a list of values, e.g. [{render(err['input'])}]"
+    return f"{where}: {describe_error(err)}"
 
 
 def _salvage(data: dict[str, Any], exc: ValidationError) -> SweepSpec | None:
@@ -245,7 +254,7 @@ def _salvage(data: dict[str, Any], exc: ValidationError) -> SweepSpec | None:
         if field not in SweepSpec.model_fields:
             continue
         if field in bad:
-            if field not in ("base", "grid") or not isinstance(value, dict) or None in bad[field]:
+            if field not in (ENGINE_KEY, "grid") or not isinstance(value, dict) or None in bad[field]:
                 continue
             value = {k: v for k, v in value.items() if k not in bad[field]}
         clean[field] = value
@@ -257,275 +266,8 @@ def _salvage(data: dict[str, Any], exc: ValidationError) -> SweepSpec | None:
         return None
 
 
-# --- engine paths ----------------------------------------------------------------------------
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return None
-
-
-def _group(path: str) -> type[BaseModel] | None:
-    """The config section a path names ("" is the whole Config), or None for a setting."""
-    model: type[BaseModel] | None = Config
-    for name in path.split(".") if path else []:
-        field = model.model_fields.get(name) if model else None
-        model = _submodel(field.annotation) if field else None
-    return model
-
-
-def _path_problem(path: str) -> str | None:
-    """Why `path` names no engine Config field, or None when it does."""
-    model: type[BaseModel] | None = Config
-    parts = path.split(".")
-    for n, name in enumerate(parts):
-        if model is None:
-            parent = ".".join(parts[:n])
-            return f"{parent!r} is a single setting, it has no field {name!r}"
-        fields = list(model.model_fields)
-        if name not in fields:
-            close = get_close_matches(name, fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            return f"unknown engine field {name!r}{hint} (allowed: {', '.join(fields)})"
-        model = _submodel(model.model_fields[name].annotation)
-    return None
-
-
-def _flatten(value: Any, path: str, label: str) -> list[tuple[str, Any, str]]:
-    """(path, value, label) leaves: a mapping given for a config section is split into its
-    fields, so nested and dotted spellings give the same leaves."""
-    if isinstance(value, dict) and _group(path) is not None:
-        leaves = []
-        for key, item in value.items():
-            leaves += _flatten(item, f"{path}.{key}" if path else str(key), f"{label}.{key}")
-        return leaves
-    return [(path, value, label)]
-
-
-def _overlaps(a: str, b: str) -> bool:
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def _collect(items: list[tuple[str, Any, str]], problems: list[str]) -> Leaves:
-    """Leaves with known, non-clashing paths; the others become problems."""
-    leaves: Leaves = {}
-    for path, value, label in items:
-        why = _path_problem(path)
-        clash = next((p for p in leaves if _overlaps(p, path)), None)
-        if why:
-            problems.append(f"{label}: {why}")
-        elif clash:
-            problems.append(f"{label}: the same setting is given twice (also as {clash!r})")
-        else:
-            leaves[path] = (value, label)
-    return leaves
-
-
-def _merge(leaves: Leaves, extra: Leaves) -> Leaves:
-    merged = dict(leaves)
-    for path, leaf in extra.items():
-        for old in [p for p in merged if _overlaps(p, path)]:
-            del merged[old]  # the trial's own value replaces base's
-        merged[path] = leaf
-    return merged
-
-
-# --- engine validation -----------------------------------------------------------------------
-
-
-def _build(leaves: Leaves) -> tuple[Config | None, list[tuple[str | None, str]]]:
-    """The Config of these leaves, or its errors as (label of the leaf at fault, message)."""
-    tree: dict[str, Any] = {}
-    for path, (value, _) in leaves.items():
-        set_dotted(tree, path, value)
-    try:
-        return Config.model_validate(tree), []
-    except ValidationError as exc:
-        return None, [(_locate(err["loc"], leaves), _describe(err)) for err in exc.errors()]
-
-
-def _locate(loc: tuple[Any, ...], leaves: Leaves) -> str | None:
-    """Label of the leaf an engine error points into, plus the rest of the error's location."""
-    names = list(itertools.takewhile(lambda part: isinstance(part, str), loc))
-    for n in range(len(names), 0, -1):
-        path = ".".join(names[:n])
-        if path in leaves:
-            return leaves[path][1] + _loc_text(loc[n:], top=False)
-    return None  # a cross-field check, or a field this sweep does not set
-
-
-def _check_alone(leaves: Leaves, path: str, raw: Any, problems: list[str]) -> str | None:
-    """Check one value on its own (type and range; cross-field checks wait for the full
-    trial). Returns its canonical text, or None when it is invalid."""
-    config, errors = _build(leaves)
-    faults = [f"{where}: {msg}" for where, msg in errors if where]
-    problems += faults
-    if faults:
-        return None
-    if config is None:  # only a cross-field check failed, against engine defaults
-        return _render(raw)
-    return _render(_get_dotted(config.model_dump(mode="json"), path))
-
-
-# --- expansion -------------------------------------------------------------------------------
-
-
-def _expand(spec: SweepSpec) -> tuple[list[Trial], list[str]]:
-    problems: list[str] = []
-    base = _collect(_flatten(spec.base, "", "base"), problems)
-    problems += [f"{where}: {msg}" for where, msg in _build(base)[1] if where]
-    axes = _axes(spec, problems)
-    excludes = _exclude_rows(spec, problems)
-    trials: list[tuple[str, Trial]] = []  # (origin, trial)
-    for point in itertools.product(*(list(enumerate(v)) for v in axes.values())):
-        if any(choice is None for _, choice in point):
-            continue  # a bad value, already reported
-        chosen = {axis: choice for axis, (_, choice) in zip(axes, point)}
-        texts = {axis: text for axis, (_, text) in chosen.items()}
-        if any(all(texts.get(p) == t for p, t in row.items()) for row in excludes):
-            continue
-        key = ",".join(f"{axis}={texts[axis]}" for axis in sorted(axes)) or BASE_KEY
-        leaves = base
-        for axis_leaves, _ in chosen.values():
-            leaves = _merge(leaves, axis_leaves)
-        config, errors = _build(leaves)
-        for where, msg in errors:  # no `where`: a cross-field check of the whole trial
-            problems.append(f"{where}: {msg}" if where else f"grid: trial {key}: {msg}")
-        if config is not None:
-            values = config.model_dump(mode="json")
-            overrides = {axis: _get_dotted(values, axis) for axis in sorted(axes)}
-            trials.append(("grid", Trial(key, overrides, config)))
-
-    for j, row in enumerate(spec.include):
-        count = len(problems)
-        extra = _collect(_flatten(row, "", f"include[{j}]"), problems)
-        config, errors = _build(_merge(base, extra))
-        problems += [f"{where or f'include[{j}]'}: {msg}" for where, msg in errors]
-        if config is not None and len(problems) == count:
-            values = config.model_dump(mode="json")
-            overrides = {path: _get_dotted(values, path) for path in sorted(extra)}
-            key = ",".join(f"{p}={_render(v)}" for p, v in overrides.items()) or BASE_KEY
-            trials.append((f"include[{j}]", Trial(key, overrides, config)))
-
-    problems += _duplicates(trials)
-    if spec.resources.gpu == 0:
-        devices = sorted({t.config.device for _, t in trials if t.config.device.startswith("cuda")})
-        if devices:
-            problems.append(
-                f"resources.gpu: trials ask for device {', '.join(devices)} but resources.gpu "
-                "is 0, and Ray hides every GPU from such trials (allowed: a gpu > 0, or "
-                "device 'auto'/'cpu')"
-            )
-    return [trial for _, trial in trials], problems
-
-
-def _axes(spec: SweepSpec, problems: list[str]) -> dict[str, list[tuple[Leaves, str] | None]]:
-    """Every usable axis with each value checked on its own: (leaves, canonical text), or
-    None for a value that is invalid."""
-    axes: dict[str, list[tuple[Leaves, str] | None]] = {}
-    for axis, values in spec.grid.items():
-        if (why := _path_problem(axis)) is not None:
-            problems.append(f"grid.{axis}: {why}")
-        elif not values:
-            problems.append(f"grid.{axis}: axis has no values")
-        elif (other := next((a for a in axes if _overlaps(a, axis)), None)) is not None:
-            problems.append(f"grid.{axis}: overlaps the axis {other!r}")
-        else:
-            axes[axis] = []
-            for i, value in enumerate(values):
-                count = len(problems)
-                leaves = _collect(_flatten(value, axis, f"grid.{axis}[{i}]"), problems)
-                text = _check_alone(leaves, axis, value, problems)
-                ok = text is not None and len(problems) == count
-                axes[axis].append((leaves, text) if ok else None)
-    return axes
-
-
-def _exclude_rows(spec: SweepSpec, problems: list[str]) -> list[dict[str, str]]:
-    """Each usable exclude row as {axis: canonical text}."""
-    rows = []
-    for j, row in enumerate(spec.exclude):
-        if not row:
-            problems.append(f"exclude[{j}]: an empty row would drop every grid point")
-            continue
-        count = len(problems)
-        canonical = {}
-        for path, leaf in _collect(_flatten(row, "", f"exclude[{j}]"), problems).items():
-            if path not in spec.grid:
-                axes = ", ".join(spec.grid) or "none"
-                problems.append(f"{leaf[1]}: {path!r} is not a grid axis (allowed: {axes})")
-            else:
-                canonical[path] = _check_alone({path: leaf}, path, leaf[0], problems)
-        if len(problems) == count:
-            rows.append(canonical)
-    return rows
-
-
-def _duplicates(trials: list[tuple[str, Trial]]) -> list[str]:
-    problems = []
-    seen: dict[str, str] = {}
-    for origin, trial in trials:
-        text = _config_text(trial.config)
-        if text in seen:
-            same = "" if seen[text] == trial.key else f" (same engine config as {seen[text]})"
-            problems.append(f"{origin}: duplicate trial {trial.key}{same}")
-        else:
-            seen[text] = trial.key
-    return problems
-
-
-# --- small helpers ---------------------------------------------------------------------------
-
-
-def _config_text(config: Config) -> str:
-    """Canonical JSON of a whole config: equal text, equal trial."""
-    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
-
-
-def _get_dotted(tree: Mapping[str, Any], path: str) -> Any:
-    node: Any = tree
-    for name in path.split("."):
-        node = node[name]
-    return node
-
-
-def _render(value: Any) -> str:
-    """Canonical text of a value: 0.8 and 0.80 read the same, 1.0 reads 1."""
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, float):
-        text = repr(value)
-        return text[:-2] if text.endswith(".0") else text
-    if isinstance(value, (int, str)):
-        return str(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _loc_text(loc: tuple[Any, ...], top: bool = True) -> str:
-    """("grid", "ipc", 1) -> "grid.ipc[1]"."""
-    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
-    return text.removeprefix(".") if top else text
-
-
-def _describe(err: Any) -> str:
-    """A pydantic error as one readable phrase, with the offending value."""
-    if err["type"] == "literal_error":
-        return f"{_short(err['input'])} is not allowed (allowed: {err['ctx']['expected']})"
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] != "missing" and "input" in err:
-        got = _short(err["input"])
-        if not (err["type"] == "value_error" and got in message):  # our validators quote it
-            message += f" (got {got})"
-    return message
-
-
 __all__ = [
+    "BASE_KEY",
     "DEFAULT_EXPERIMENT",
     "Resources",
     "SpecError",
@@ -533,6 +275,5 @@ __all__ = [
     "Trial",
     "load_spec",
     "parse_spec",
-    "set_dotted",
     "trial_table",
 ]

@@ -1,4 +1,7 @@
-"""MLflow bookkeeping for sweeps: where the store lives, parent/child runs, metrics, artifacts.
+"""MLflow bookkeeping for sweeps: where the store lives, finding runs, the sweep's parent run.
+
+A trial's own run is written by `orchestrator.trial_run`; a set is pulled back by
+`orchestrator.queries`.
 
 One parent run per sweep (found again by its `mim4dd.sweep` tag, so a relaunch continues it),
 one nested child run per trial (found again by `mim4dd.trial_key` + `mim4dd.config_digest`, so
@@ -40,12 +43,14 @@ TAG_ATTEMPT = "mim4dd.attempt"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
 TAG_EXPERTS = "mim4dd.experts"  # key digest of the expert buffer a run records
+TAG_BUFFERS = "mim4dd.expert_buffers"  # on a parent: digests of the buffers its trials read
+TAG_TOTAL, TAG_FINISHED, TAG_FAILED = (  # on a parent: trial counts of the last launch
+    "mim4dd.trials_total", "mim4dd.trials_finished", "mim4dd.trials_failed"
+)
 
 SYNSET_PATH = "synset"  # artifact folder holding the synthetic set
-RESULTS_FILE = "results.json"
 
-# MLflow's limits per log_batch call and per tag value.
-_MAX_METRICS, _MAX_PARAMS, _MAX_TAG = 1000, 100, 5000
+_MAX_TAG = 5000  # MLflow's limit per tag value
 
 
 # --- where the store is ----------------------------------------------------------------------
@@ -190,10 +195,15 @@ def runs_by_key(
     runs: Iterable[Run], digests: Mapping[str, str] | None, status: str | None
 ) -> dict[str, Run]:
     """Newest run per trial key, keeping only runs whose config digest matches `digests`."""
-    if digests is not None:
-        runs = [r for r in runs if digests.get(r.data.tags.get(TAG_KEY, "")) ==
-                r.data.tags.get(TAG_DIGEST)]
-    return latest_per_key(runs, status)
+    return latest_per_key(of_digests(runs, digests), status)
+
+
+def of_digests(runs: Iterable[Run], digests: Mapping[str, str] | None) -> list[Run]:
+    """The runs whose config digest is the one `digests` gives their trial key (all: None)."""
+    if digests is None:
+        return list(runs)
+    return [r for r in runs if digests.get(r.data.tags.get(TAG_KEY, "")) ==
+            r.data.tags.get(TAG_DIGEST)]
 
 
 def parse_value(text: str) -> Any:
@@ -209,38 +219,6 @@ def trial_values(run: Run) -> dict[str, Any]:
     values = {k: parse_value(v) for k, v in run.data.params.items()}
     values.update(json.loads(run.data.tags.get(TAG_OVERRIDES, "{}")))
     return values
-
-
-def _same(actual: Any, wanted: Any) -> bool:
-    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
-        try:
-            return float(actual) == float(wanted)
-        except (TypeError, ValueError):
-            return False
-    return str(actual).lower() == str(wanted).lower()
-
-
-def find_trial_run(
-    runs: Iterable[Run], key: str | None = None, values: Mapping[str, Any] | None = None,
-    status: str | None = "FINISHED",
-) -> Run:
-    """The one trial run matching a trial key and/or setting values; LookupError otherwise."""
-    values = {k: v for k, v in (values or {}).items() if v is not None}
-    candidates = latest_per_key(runs, status)
-    matches = [
-        run for k, run in candidates.items()
-        if (key is None or k == key)
-        and all(_same(trial_values(run).get(path), v) for path, v in values.items())
-    ]
-    what = ", ".join([*([f"key {key}"] if key else []), *(f"{k}={v}" for k, v in values.items())])
-    if not matches:
-        known = "; ".join(sorted(candidates)) or "none"
-        raise LookupError(f"no {status or ''} trial run matches {what or 'anything'} "
-                          f"(trials: {known})")
-    if len(matches) > 1:
-        keys = "; ".join(sorted(r.data.tags[TAG_KEY] for r in matches))
-        raise LookupError(f"{len(matches)} trial runs match {what}: {keys}; narrow it down")
-    return matches[0]
 
 
 # --- the parent run --------------------------------------------------------------------------
@@ -260,7 +238,7 @@ def open_sweep_run(
     else:
         client.update_run(run.info.run_id, status="RUNNING")
         set_tags(client, run.info.run_id, tags)
-        _clear_failure(client, run)
+        clear_failure(client, run)
     return client.get_run(run.info.run_id)
 
 
@@ -275,7 +253,7 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None
     client.log_batch(run_id, tags=[RunTag(k, str(v)[:_MAX_TAG]) for k, v in tags.items()])
 
 
-def _clear_failure(client: MlflowClient, run: Run) -> None:
+def clear_failure(client: MlflowClient, run: Run) -> None:
     if TAG_FAILURE in run.data.tags:
         client.delete_tag(run.info.run_id, TAG_FAILURE)
 
@@ -303,140 +281,6 @@ def log_expert_buffer(
         client.log_artifact(run_id, str(path))
     end_run(client, run_id, "FINISHED")
     return run_id
-
-
-# --- one trial's run -------------------------------------------------------------------------
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"eval": {"epochs": 5}} -> {"eval.epochs": "5"}; values as JSON, strings as-is."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{path}."))
-        else:
-            flat[path] = value if isinstance(value, str) else json.dumps(value)
-    return flat
-
-
-class TrialRun:
-    """The child run of one trial, as the trial process writes to it.
-
-    Metrics are buffered and sent with `log_batch` on `flush` (the trainable flushes at each
-    checkpoint), so logging costs one request per checkpoint interval, not one per iteration.
-    A trial resumed from a checkpoint older than its last logged step skips the steps MLflow
-    already holds, so every step is logged once.
-    """
-
-    def __init__(self, client: MlflowClient, run: Run):
-        self.client = client
-        self.run_id = run.info.run_id
-        self.run = run
-        self._buffer: list[Metric] = []
-        # Steps up to here are in MLflow already: a trial resumed from an older checkpoint
-        # recomputes them (identically on CPU) but must not log them twice.
-        self.logged_until = int(run.data.metrics.get("iteration", 0))
-
-    @classmethod
-    def open(
-        cls, client: MlflowClient, parent_run_id: str, sweep: str, key: str,
-        overrides: Mapping[str, Any], config: Mapping[str, Any], digest: str,
-        run_id: str | None = None,
-    ) -> TrialRun:
-        """Continue the trial's run (by id from a checkpoint, else by key) or create it.
-
-        A FINISHED run is returned untouched (`finished` is True): the caller skips the work.
-        """
-        parent = client.get_run(parent_run_id)
-        run = _existing(client, run_id)
-        if run is None:
-            same = runs_by_key(child_runs(client, parent), {key: digest}, status=None)
-            run = same.get(key)
-        if run is None:
-            run = client.create_run(
-                parent.info.experiment_id, run_name=key,
-                tags={
-                    TAG_PARENT: parent_run_id, TAG_SWEEP: sweep, TAG_ROLE: "trial",
-                    TAG_KEY: key, TAG_DIGEST: digest,
-                    TAG_OVERRIDES: json.dumps(dict(overrides), sort_keys=True), **versions(),
-                },
-            )
-        trial = cls(client, run)
-        if run.info.status == "FINISHED":
-            return trial
-        if not run.data.params:  # a run created by a process killed before it logged them
-            params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
-            for start in range(0, len(params), _MAX_PARAMS):
-                client.log_batch(run.info.run_id, params=params[start : start + _MAX_PARAMS])
-        attempt = int(run.data.tags.get(TAG_ATTEMPT, "0")) + 1
-        client.update_run(run.info.run_id, status="RUNNING")
-        client.set_tag(run.info.run_id, TAG_ATTEMPT, str(attempt))
-        _clear_failure(client, run)
-        return trial
-
-    @property
-    def finished(self) -> bool:
-        return self.run.info.status == "FINISHED"
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        set_tags(self.client, self.run_id, tags)
-
-    def log_iteration(self, step: int, metrics: Mapping[str, float]) -> None:
-        """One optimisation step's metrics, unless this step was logged before a restart."""
-        if step > self.logged_until:
-            self.log_metrics(step, {"iteration": step, **metrics})
-
-    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
-        now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self._buffer) >= _MAX_METRICS:
-            self.flush()
-
-    def flush(self) -> None:
-        while self._buffer:
-            batch, self._buffer = self._buffer[:_MAX_METRICS], self._buffer[_MAX_METRICS:]
-            self.client.log_batch(self.run_id, metrics=batch)
-
-    def log_evaluation(self, evaluation: Any, step: int) -> dict[str, float]:
-        """Per-network and summary accuracies of an EvalResult; returns what was logged."""
-        metrics = {f"eval/test_acc_net{i}": a for i, a in enumerate(evaluation.test_accuracies)}
-        metrics |= {f"eval/val_acc_net{i}": a for i, a in enumerate(evaluation.val_accuracies)}
-        metrics |= {"eval/test_acc_mean": evaluation.mean, "eval/test_acc_std": evaluation.std}
-        if evaluation.val_accuracies:
-            metrics["eval/val_acc_mean"] = evaluation.val_mean
-        self.log_metrics(step, metrics)
-        self.flush()
-        return metrics
-
-    def log_outputs(self, synset_dir: Path, results_file: Path) -> None:
-        self.client.log_artifacts(self.run_id, str(synset_dir), SYNSET_PATH)
-        self.client.log_artifact(self.run_id, str(results_file))
-
-    def finish(self) -> None:
-        self.flush()
-        end_run(self.client, self.run_id, "FINISHED")
-
-    def fail(self, reason: str, status: str = "FAILED") -> None:
-        """End FAILED with the reason, keeping the curve up to the failure."""
-        try:
-            self.flush()
-        finally:
-            end_run(self.client, self.run_id, status, reason)
-
-    def stop(self, reason: str) -> None:
-        """Interrupted, not broken: KILLED; the next launch continues this run."""
-        self.fail(reason, status="KILLED")
-
-
-def _existing(client: MlflowClient, run_id: str | None) -> Run | None:
-    if not run_id:
-        return None
-    try:
-        run = client.get_run(run_id)
-    except Exception:  # gone, or from another store: fall back to the key
-        return None
-    return run if run.info.lifecycle_stage == "active" else None
 
 
 # --- pulling a set back ----------------------------------------------------------------------
@@ -474,19 +318,17 @@ def pull(run_id: str, out_dir: str | os.PathLike, tracking_uri: str | None = Non
 __all__ = [
     "HOME_ENV",
     "SYNSET_PATH",
-    "TrialRun",
     "child_runs",
     "connect",
     "end_run",
     "ensure_experiment",
     "find_sweep_run",
-    "find_trial_run",
     "finished_trial_keys",
-    "flatten",
     "home",
     "log_expert_buffer",
     "open_sweep_run",
     "pull",
     "resolve_tracking_uri",
+    "set_tags",
     "trial_values",
 ]

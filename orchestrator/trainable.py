@@ -1,15 +1,16 @@
-"""One sweep trial as a Ray Tune function trainable: distill, evaluate, log, with checkpoints.
+"""One sweep trial as a Ray Tune function trainable: the engine's experiment, logged, resumable.
 
-Tune calls `train_trial(config, context)`:
+Tune calls `train_trial(config, context, trials)`. Its param space holds only the trial key,
+``config["trial"]``; what the trial is crosses typed, bound with `tune.with_parameters` (so a
+relaunch passes fresh values through Ray's object store):
 
-* `config` is the trial (Tune's param space entry): ``{"trial": {"key", "overrides",
-  "config" (the engine Config as JSON), "digest"}}``;
-* `context` is the launch (bound with `tune.with_parameters`, so a relaunch passes fresh
-  values): sweep name, tracking URI, parent run id, checkpoint_every, cpus per trial.
+* `trials` maps each key to the spec's `Trial` (grid point, engine `Config`, digest);
+* `context` is the `LaunchContext` of this launch.
 
-Every MLflow call happens here, in the trial's process, so a trial on a remote Ray worker logs
-straight to the tracking server. Each checkpoint is a folder with the engine state
-(`torch.save`, read back with `weights_only=True`) and the id of the trial's MLflow run, so a
+The pipeline itself is the engine's `run_experiment`; this module only listens to it. Every
+MLflow call happens here, in the trial's process, so a trial on a remote Ray worker logs
+straight to the tracking server. Each Tune checkpoint is a folder with the engine state
+(`STATE_FILE`, read back with `weights_only=True`) and the id of the trial's MLflow run, so a
 retried or resumed trial continues both the optimisation and the same child run.
 """
 
@@ -19,39 +20,48 @@ import json
 import logging
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from ray import tune
 
-from mim4dd.config import Config
-from mim4dd.distill import DistillCallback, Distiller
-from mim4dd.experiment import ExperimentResult, evaluate_synset, load_data
-from orchestrator import tracking
+from mim4dd.bases import load_plugins
+from mim4dd.distill import Distiller, save_state
+from mim4dd.evaluate import EVAL_PREFIX
+from mim4dd.experiment import RESULTS_FILE, STATE_FILE, ExperimentCallback, run_experiment
+from orchestrator.tracking import SYNSET_PATH, TAG_RESUMED, connect
+from orchestrator.expand import Trial
+from orchestrator.trial_run import TrialRun
 
-STATE_FILE = "distill_state.pt"
 TRIAL_FILE = "trial.json"  # {"run_id", "key", "iteration"} beside the state
 
 
-def payload(trial: Any) -> dict[str, Any]:
-    """The JSON-able Tune config of a spec `Trial`."""
-    return {
-        "key": trial.key,
-        "overrides": dict(trial.overrides),
-        "config": trial.config.model_dump(mode="json"),
-        "digest": trial.config_digest,
-    }
+@dataclass(frozen=True)
+class LaunchContext:
+    """What every trial of one launch shares."""
+
+    sweep: str
+    tracking_uri: str
+    parent_run_id: str
+    checkpoint_every: int
+    cpus: float  # the cores Ray reserves per trial
+    plugins: tuple[str, ...] = ()  # $MIM4DD_PLUGINS of the driver: bases a worker must know
 
 
-class _Reporter(DistillCallback):
+class _Reporter(ExperimentCallback):
     """Engine progress -> `tune.report` every iteration, MLflow in batches, Tune checkpoints."""
 
-    def __init__(self, run: tracking.TrialRun, key: str, checkpoint_every: int):
+    def __init__(self, run: TrialRun, key: str, checkpoint_every: int):
         self.run = run
         self.key = key
         self.checkpoint_every = checkpoint_every
         self.last: dict[str, float] = {}
+
+    def on_start(self, distiller: Distiller) -> None:
+        if distiller.iteration:
+            self.run.set_tags({TAG_RESUMED: distiller.iteration})
 
     def on_iteration(self, iteration: int, metrics: dict[str, float]) -> None:
         self.last = {"iteration": iteration, **metrics}
@@ -62,7 +72,7 @@ class _Reporter(DistillCallback):
     def on_checkpoint(self, iteration: int, state: dict) -> None:
         self.run.flush()  # MLflow holds every step up to the checkpoint before Tune does
         with tempfile.TemporaryDirectory(prefix="mim4dd-ckpt-") as folder:
-            torch.save(state, Path(folder) / STATE_FILE)
+            save_state(state, Path(folder) / STATE_FILE)
             info = {"run_id": self.run.run_id, "key": self.key, "iteration": iteration}
             (Path(folder) / TRIAL_FILE).write_text(json.dumps(info))
             tune.report(self.last, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -87,9 +97,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}  # no run id: the run is found by trial key instead
 
 
-def _final_metrics(run: tracking.TrialRun) -> dict[str, float]:
+def _final_metrics(run: TrialRun) -> dict[str, float]:
     metrics = run.client.get_run(run.run_id).data.metrics
-    return {k: v for k, v in metrics.items() if k == "iteration" or k.startswith("eval/")}
+    return {k: v for k, v in metrics.items() if k == "iteration" or k.startswith(EVAL_PREFIX)}
 
 
 def _node_tags() -> dict[str, str]:
@@ -99,27 +109,25 @@ def _node_tags() -> dict[str, str]:
             "mim4dd.hostname": socket.gethostname()}
 
 
-def train_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
-    trial = config["trial"]
-    key = trial["key"]
+def train_trial(config: dict[str, str], context: LaunchContext, trials: dict[str, Trial]) -> None:
+    trial = trials[config["trial"]]
+    load_plugins(list(context.plugins))
     # A trial gets the cores Ray reserved for it, not every core of the node.
-    torch.set_num_threads(max(1, int(context.get("cpus", 1))))
-    engine_config = Config.model_validate(trial["config"])
-    client = tracking.connect(context["tracking_uri"])
+    torch.set_num_threads(max(1, int(context.cpus)))
+    client = connect(context.tracking_uri)
 
     with tempfile.TemporaryDirectory(prefix="mim4dd-trial-") as tmp:
         workdir = Path(tmp)
         restored = _restore_folder(workdir)
         saved = _read_json(restored / TRIAL_FILE) if restored else {}
-        run = tracking.TrialRun.open(
-            client, context["parent_run_id"], context["sweep"], key, trial["overrides"],
-            trial["config"], trial["digest"], run_id=saved.get("run_id"),
-        )
+        run = TrialRun.open(client, context.parent_run_id, context.sweep, trial,
+                                     run_id=saved.get("run_id"))
         if run.finished:  # finished before a kill; Tune's saved state just did not know yet
             tune.report({**_final_metrics(run), "skipped": 1})
             return
         try:
-            final = _distill_and_log(run, engine_config, key, restored, workdir, context)
+            state = restored / STATE_FILE if restored else None
+            final = _run_and_log(run, trial, state, workdir, context)
         except (KeyboardInterrupt, SystemExit) as exc:  # Tune stopping the trial (Ctrl-C)
             run.stop(f"interrupted ({type(exc).__name__}); relaunch the sweep to resume")
             raise
@@ -129,32 +137,25 @@ def train_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         tune.report(final)
 
 
-def _distill_and_log(
-    run: tracking.TrialRun, config: Config, key: str, restored: Path | None, workdir: Path,
-    context: dict[str, Any],
+def _run_and_log(
+    run: TrialRun, trial: Trial, state: Path | None, workdir: Path,
+    context: LaunchContext,
 ) -> dict[str, float]:
     run.set_tags(_node_tags())
-    data = load_data(config)
-    distiller = Distiller(config, data)
-    if restored is not None:
-        distiller.load_state(restored / STATE_FILE)
-        run.set_tags({tracking.TAG_RESUMED: distiller.iteration})
+    reporter = _Reporter(run, trial.key, context.checkpoint_every)
+    result = run_experiment(trial.config, callback=reporter, state=state,
+                            checkpoint_every=context.checkpoint_every)
+    iterations = int(result.synset.manifest.get("iterations_done", trial.config.iterations))
+    assert result.evaluation is not None
+    metrics = run.log_evaluation(result.evaluation, step=iterations)
 
-    reporter = _Reporter(run, key, int(context.get("checkpoint_every", 0)))
-    synset = distiller.run(reporter, checkpoint_every=reporter.checkpoint_every)
-    evaluation = evaluate_synset(synset, config, data)
-    metrics = run.log_evaluation(evaluation, step=distiller.iteration)
-
-    synset_dir = synset.save(workdir / "out" / tracking.SYNSET_PATH)
-    results = {
-        "sweep": context["sweep"], "trial_key": key,
-        **ExperimentResult(synset, evaluation).results_dict(),
-    }
-    results_file = workdir / "out" / tracking.RESULTS_FILE
-    results_file.write_text(json.dumps(results, indent=2) + "\n")
+    out = workdir / "out"
+    synset_dir = result.synset.save(out / SYNSET_PATH)
+    results_file = result.write_results(out / RESULTS_FILE, sweep=context.sweep,
+                                        trial_key=trial.key)
     run.log_outputs(synset_dir, results_file)
     run.finish()
-    return {"iteration": distiller.iteration, **metrics}
+    return {"iteration": iterations, **metrics}
 
 
-__all__ = ["STATE_FILE", "TRIAL_FILE", "payload", "train_trial"]
+__all__ = ["LaunchContext", "TRIAL_FILE", "train_trial"]

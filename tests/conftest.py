@@ -85,13 +85,13 @@ def ray_cluster():
     """An in-process local Ray cluster shared by a test module."""
     import ray
 
-    from orchestrator import service
+    from orchestrator import tune_run
 
-    for name, value in service.RAY_ENV.items():
+    for name, value in tune_run.RAY_ENV.items():
         os.environ.setdefault(name, value)
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-        runtime_env={"env_vars": dict(service.RAY_ENV)},
+        runtime_env={"env_vars": dict(tune_run.RAY_ENV)},
     )
     yield
     ray.shutdown()

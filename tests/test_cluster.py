@@ -28,7 +28,7 @@ from processes import HAS_PROC, stop  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import service, tracking  # noqa: E402
+from orchestrator import service, tracking, tune_run  # noqa: E402
 
 pytestmark = [
     pytest.mark.cluster,
@@ -50,9 +50,9 @@ def cluster():
     # A private Ray temp dir (short: it holds unix sockets), so this cluster's address file
     # never makes another process's plain `ray.init()` join it.
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", *service.RAY_ENV)}
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", *tune_run.RAY_ENV)}
     os.environ["RAY_TMPDIR"] = temp
-    for name, value in service.RAY_ENV.items():
+    for name, value in tune_run.RAY_ENV.items():
         os.environ.setdefault(name, value)
     nodes = Cluster(initialize_head=True,
                     head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -105,7 +105,7 @@ def mlflow_server(tmp_path_factory):
 def test_sweep_on_two_nodes_with_tracking_server(cluster, mlflow_server, tmp_path):
     spec = {
         "name": "cluster",
-        "base": {"dataset": "digits", "model": {"width": 8}, "iterations": 60,
+        "engine": {"dataset": "digits", "model": {"width": 8}, "iterations": 60,
                  "batch_real": 16, "ipc": 1, "eval": {"epochs": 30, "lr": 0.1, "num_nets": 2}},
         "grid": {"seed": [0, 1]},
         "resources": {"cpu": 1},

@@ -34,7 +34,7 @@ MTT = {
 
 
 def mtt_spec(tmp_path: Path, name: str, grid: dict, **base) -> Path:
-    spec = {"name": name, "base": {**MTT, "expert_dir": str(tmp_path / "experts"), **base},
+    spec = {"name": name, "engine": {**MTT, "expert_dir": str(tmp_path / "experts"), **base},
             "grid": grid}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -66,7 +66,7 @@ def test_sweeps_share_one_buffer_trained_once(ray_cluster, home, tmp_path):
     assert logged.data.params["count"] == "2" and logged.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(logged.info.run_id)] == ["manifest.json"]
     parent = tracking.find_sweep_run(client, "first")
-    assert parent.data.tags[service.TAG_BUFFERS] == digest
+    assert parent.data.tags[tracking.TAG_BUFFERS] == digest
     for run in tracking.child_runs(client, parent):  # the end to end mtt trials
         assert run.info.status == "FINISHED"
         synset = SyntheticSet.load(tracking.pull(run.info.run_id, tmp_path / run.info.run_id))
@@ -150,4 +150,4 @@ def test_bases_comparison_names_each_base_with_its_preset():
     assert {t.config.iterations for t in by_base["dc"]} == {10000}  # the dc preset's value
     assert 0 < spec.resources.gpu < 1
     for name in ("lambda_ablation", "main_table"):
-        assert load_spec(ROOT / "sweeps" / f"{name}.yaml").base["base"] == "dm"
+        assert load_spec(ROOT / "sweeps" / f"{name}.yaml").engine["base"] == "dm"

@@ -25,7 +25,7 @@ from processes import HAS_PROC, kill_session  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import service, tracking  # noqa: E402
+from orchestrator import queries, service, tracking, trial_run  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 
@@ -41,7 +41,7 @@ TINY = {
 
 
 def write_spec(path: Path, name: str, grid: dict, **fields) -> Path:
-    spec = {"name": name, "base": {**TINY, **fields.pop("base", {})}, "grid": grid, **fields}
+    spec = {"name": name, "engine": {**TINY, **fields.pop("base", {})}, "grid": grid, **fields}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
@@ -81,7 +81,7 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     client, parent, children = sweep_runs(uri, "grid")
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[tracking.TAG_ROLE] == "sweep"
-    assert parent.data.tags[service.TAG_FINISHED] == "4"
+    assert parent.data.tags[tracking.TAG_FINISHED] == "4"
     assert client.get_experiment(parent.info.experiment_id).name == "mim4dd"
     assert len(children) == 4
     assert sorted(r.data.tags[tracking.TAG_KEY] for r in children) == sorted(outcome.finished)
@@ -174,8 +174,8 @@ def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
 
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "fail")
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[service.TAG_FAILED] == "1"
-    assert parent.data.tags[service.TAG_FINISHED] == "1"
+    assert parent.data.tags[tracking.TAG_FAILED] == "1"
+    assert parent.data.tags[tracking.TAG_FINISHED] == "1"
     by_key = {r.data.tags[tracking.TAG_KEY]: r for r in children}
     assert len(children) == 2 and set(by_key) == {"lr_img=0.1", "lr_img=1e+30"}
     bad = by_key["lr_img=1e+30"]
@@ -299,7 +299,7 @@ def test_unknown_sweep_and_store_are_clear_errors(tmp_path, monkeypatch):
 
 
 def test_flatten_and_parse_round_trip():
-    flat = tracking.flatten({"lam": 0.8, "dataset": "digits", "mim_blocks": None,
+    flat = trial_run.flatten({"lam": 0.8, "dataset": "digits", "mim_blocks": None,
                              "eval": {"epochs": 5, "dsa": True}, "lr_milestones": [1, 2]})
     assert flat == {"lam": "0.8", "dataset": "digits", "mim_blocks": "null",
                     "eval.epochs": "5", "eval.dsa": "true", "lr_milestones": "[1, 2]"}
@@ -318,8 +318,29 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     assert tracking.artifact_root("http://127.0.0.1:5000") is None  # the server's proxy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:1")
     assert tracking.resolve_tracking_uri() == "http://example:1"
-    command = service.ui_command(embedded, "127.0.0.1", 5001)
+    command = queries.ui_command(embedded, "127.0.0.1", 5001)
     assert command[1:] == ["-m", "mlflow", "ui", "--backend-store-uri", embedded, "--host",
                            "127.0.0.1", "--port", "5001", "--default-artifact-root",
                            tracking.artifact_root(embedded)]
 
+
+
+@pytest.mark.slow
+def test_report_and_status_show_only_the_current_config(ray_cluster, home, tmp_path):
+    path = write_spec(tmp_path / "changed.yaml", "changed", {"lam": [0]}, retries=0)
+    first = service.launch(load_spec(path), progress=False)
+    assert first.finished == ["lam=0"]
+    assert CliRunner().invoke(app, ["report", "changed"]).exit_code == 0
+
+    # The same trial key, now with a config that fails at its first step (lr_img 1e30).
+    write_spec(path, "changed", {"lam": [0]}, retries=0, base={"lr_img": 1e30})
+    second = service.launch(load_spec(path), progress=False)
+    assert list(second.failed) == ["lam=0"] and not second.finished
+
+    # The old config's finished run is still in MLflow, but no view counts it any more.
+    assert len(sweep_runs(tracking.resolve_tracking_uri(), "changed")[2]) == 2
+    report = CliRunner().invoke(app, ["report", "changed"])
+    assert report.exit_code == 1 and "no finished trials yet" in report.output, report.output
+    status = queries.sweep_status("changed")
+    assert [(t["key"], t["status"]) for t in status.trials] == [("lam=0", "FAILED")]
+    assert "FINISHED" not in CliRunner().invoke(app, ["status", "changed"]).output

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import SpecError, load_spec, parse_spec, set_dotted, trial_table
+from mim4dd.settings import set_dotted
+from orchestrator.spec import SpecError, load_spec, parse_spec, trial_table
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -38,9 +39,9 @@ def problems_of(tmp_path: Path, spec: dict | str) -> str:
 DATASETS = "allowed: MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100"
 INVALID = [
     ("unknown top-level field", spec_with(nmae="x"),
-     ["nmae: unknown sweep field 'nmae'", "allowed: name, experiment, description, base, grid"]),
+     ["nmae: unknown sweep field 'nmae'", "allowed: name, experiment, description, engine, grid"]),
     ("engine field at top level", spec_with(iterations=5),
-     ["iterations: unknown sweep field 'iterations'; engine settings go under base:"]),
+     ["iterations: unknown sweep field 'iterations'; engine settings go under engine:"]),
     ("missing name and grid", spec_with(name=None, grid=None),
      ["name: Field required", "grid: Field required"]),
     ("bad sweep name", spec_with(name="my sweep"),
@@ -207,7 +208,7 @@ def test_dotted_and_nested_base_are_the_same(tmp_path):
     assert [t.config for t in a] == [t.config for t in b]
     assert a[0].config.eval.epochs == 20 and a[0].config.eval.num_nets == 5
     assert a[0].config.model.width == 32 and a[0].config.model.depth == 3
-    assert a[0].config_digest == b[0].config_digest != a[1].config_digest
+    assert a[0].digest == b[0].digest != a[1].digest
 
 
 def test_cli_overrides_win(tmp_path):
@@ -259,3 +260,31 @@ def test_shipped_sweeps_are_the_documented_ones():
     assert len(load_spec(REPO / "sweeps" / "quickstart.yaml").trials()) == 4
     assert len(load_spec(REPO / "sweeps" / "lambda_ablation.yaml").trials()) == 45
     assert len(load_spec(REPO / "sweeps" / "main_table.yaml").trials()) == 45
+
+
+def test_engine_section_and_the_old_base_key(tmp_path):
+    new = load_spec(write(tmp_path, {"name": "t", "engine": {"iterations": 2, "base": "dc"},
+                                     "grid": {"lam": [0, 0.8]}}, "new.yaml"))
+    assert not new.notices and [t.config.base for t in new.trials()] == ["dc", "dc"]
+    old = load_spec(write(tmp_path, spec_with(base={"iterations": 2, "base": "dc"}), "old.yaml"))
+    assert [t.config for t in old.trials()][:1] == [t.config for t in new.trials()][:1]
+    [notice] = old.notices
+    assert "now called engine:" in notice and "still read" in notice
+    # Errors name the section as the file spells it.
+    assert "engine.lam: Input should be greater than or equal to 0" in problems_of(
+        tmp_path, {"name": "t", "engine": {"lam": -1}, "grid": {}})
+    both = problems_of(tmp_path, spec_with(engine={"iterations": 2}))
+    assert "the engine section is given twice" in both
+
+
+def test_trials_are_expanded_once_and_carry_their_digest(tmp_path, monkeypatch):
+    from orchestrator import spec as spec_module
+
+    calls = []
+    real = spec_module.expand
+    monkeypatch.setattr(spec_module, "expand", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = load_spec(write(tmp_path, spec_with()))
+    first, again = spec.trials(), spec.trials()
+    trial_table(spec)
+    assert calls == [1] and first is again
+    assert len({t.digest for t in first}) == 4 and all(len(t.digest) == 16 for t in first)

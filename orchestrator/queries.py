@@ -1,0 +1,178 @@
+"""Reading a sweep back from MLflow: its status, its results table, one trial's set, the UI.
+
+Every view shows the sweep as it now is: a trial key counts only with a run of the config
+digest its last launch recorded (`TRIALS_ARTIFACT` on the parent run), so the results of a
+config that was changed and relaunched never mix into the table. The launch summary reads
+through the same `summarize`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import Run
+
+from mim4dd.evaluate import TEST_ACC_MEAN
+from orchestrator import aggregate, tracking
+from orchestrator.expand import Trial
+
+TRIALS_ARTIFACT = "trials.json"  # on the parent run: {trial key: config digest} of the spec
+
+
+def record_trials(client: Any, parent_run_id: str, trials: list[Trial]) -> None:
+    """Remember on the parent run which config each trial key now stands for."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / TRIALS_ARTIFACT
+        path.write_text(json.dumps({t.key: t.digest for t in trials}, indent=2) + "\n")
+        client.log_artifact(parent_run_id, str(path))
+
+
+def current_digests(client: Any, parent: Any) -> dict[str, str] | None:
+    """{trial key: config digest} of the sweep's last launch; None for a sweep launched before
+    digests were recorded (then every run counts)."""
+    import mlflow.artifacts
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=parent.info.run_id, artifact_path=TRIALS_ARTIFACT, dst_path=folder,
+                tracking_uri=client.tracking_uri,
+            )
+            digests = json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # no such artifact (MLflow raises its own error types for that)
+        return None
+    return digests if isinstance(digests, dict) else None
+
+
+def summarize(
+    client: Any, parent: Any, digests: Mapping[str, str] | None
+) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(trial frame, per-cell summary) of the finished runs of the current configs."""
+    runs = tracking.runs_by_key(tracking.child_runs(client, parent), digests, "FINISHED")
+    if not runs:
+        return None
+    frame, axes = aggregate.trial_frame(runs.values())
+    return frame, aggregate.summarize(frame, axes)
+
+
+@dataclass
+class SweepStatus:
+    name: str
+    run_status: str
+    total: int
+    trials: list[dict[str, Any]]  # key, status, iteration, iterations, test_acc, failure
+
+    def count(self, status: str) -> int:
+        return sum(1 for t in self.trials if t["status"] == status)
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.total - len(self.trials))
+
+
+def _open_sweep(name: str, tracking_uri: str | None) -> tuple[Any, Any]:
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if not tracking.store_exists(uri):  # looking must not create an empty store
+        raise LookupError(f"no sweep named {name!r}: there is no tracking store at {uri}")
+    client = tracking.connect(uri)
+    parent = tracking.find_sweep_run(client, name)
+    if parent is None:
+        raise LookupError(f"no sweep named {name!r} in {uri}")
+    return client, parent
+
+
+def sweep_status(name: str, tracking_uri: str | None = None) -> SweepStatus:
+    client, parent = _open_sweep(name, tracking_uri)
+    runs = tracking.child_runs(client, parent)
+    latest = tracking.runs_by_key(runs, current_digests(client, parent), status=None)
+    trials = []
+    for key, run in sorted(latest.items()):
+        metrics, params = run.data.metrics, run.data.params
+        trials.append({
+            "key": key, "status": run.info.status,
+            "iteration": int(metrics.get("iteration", 0)),
+            "iterations": int(tracking.parse_value(params.get("iterations", "0")) or 0),
+            "test_acc": metrics.get(TEST_ACC_MEAN),
+            "failure": run.data.tags.get(tracking.TAG_FAILURE, ""),
+        })
+    total = int(parent.data.tags.get(tracking.TAG_TOTAL, len(trials)))
+    return SweepStatus(name, parent.info.status, total, trials)
+
+
+def sweep_report(name: str, tracking_uri: str | None = None) -> pd.DataFrame:
+    """The aggregated table of a sweep's finished trials of the current configs."""
+    client, parent = _open_sweep(name, tracking_uri)
+    found = summarize(client, parent, current_digests(client, parent))
+    if found is None:
+        return aggregate.summarize(*aggregate.trial_frame([]))
+    return found[1]
+
+
+def pull_set(
+    target: str, out_dir: str | os.PathLike, tracking_uri: str | None = None,
+    values: dict[str, Any] | None = None,
+) -> tuple[Path, str]:
+    """Pull by run id, or by sweep name plus setting values; returns (folder, run id)."""
+    values = {k: v for k, v in (values or {}).items() if v is not None}
+    if not values and re.fullmatch(r"[0-9a-f]{32}", target):
+        return tracking.pull(target, out_dir, tracking_uri), target
+    client, parent = _open_sweep(target, tracking_uri)
+    runs = tracking.of_digests(tracking.child_runs(client, parent),
+                               current_digests(client, parent))
+    run = find_trial_run(runs, values=values)
+    return tracking.pull(run.info.run_id, out_dir, tracking_uri), run.info.run_id
+
+
+def ui_command(tracking_uri: str | None, host: str, port: int) -> list[str]:
+    """The `mlflow ui` command line for a store (embedded: its sqlite db and artifacts)."""
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", host, "--port", str(port)]
+    if root := tracking.artifact_root(uri):
+        command += ["--default-artifact-root", root]
+    return command
+
+
+def _same(actual: Any, wanted: Any) -> bool:
+    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        try:
+            return float(actual) == float(wanted)
+        except (TypeError, ValueError):
+            return False
+    return str(actual).lower() == str(wanted).lower()
+
+
+def find_trial_run(
+    runs: Iterable[Run], key: str | None = None, values: Mapping[str, Any] | None = None,
+    status: str | None = "FINISHED",
+) -> Run:
+    """The one trial run matching a trial key and/or setting values; LookupError otherwise."""
+    values = {k: v for k, v in (values or {}).items() if v is not None}
+    candidates = tracking.latest_per_key(runs, status)
+    matches = [
+        run for k, run in candidates.items()
+        if (key is None or k == key)
+        and all(_same(tracking.trial_values(run).get(path), v) for path, v in values.items())
+    ]
+    what = ", ".join([*([f"key {key}"] if key else []), *(f"{k}={v}" for k, v in values.items())])
+    if not matches:
+        known = "; ".join(sorted(candidates)) or "none"
+        raise LookupError(f"no {status or ''} trial run matches {what or 'anything'} "
+                          f"(trials: {known})")
+    if len(matches) > 1:
+        keys = "; ".join(sorted(r.data.tags[tracking.TAG_KEY] for r in matches))
+        raise LookupError(f"{len(matches)} trial runs match {what}: {keys}; narrow it down")
+    return matches[0]
+
+
+__all__ = ["SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run", "pull_set",
+           "record_trials", "summarize", "sweep_report", "sweep_status", "ui_command"]

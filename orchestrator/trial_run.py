@@ -1,0 +1,156 @@
+"""The child run of one trial, as the trial process writes it: params, batched metrics, the
+evaluation, the set and its results file, and how the run ends.
+
+A retried or resumed trial continues its run (by id from its Tune checkpoint, else by trial
+key and config digest), so no trial ever gets a second child run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run
+
+from mim4dd.evaluate import EvalResult
+from orchestrator.expand import Trial
+from orchestrator.tracking import (
+    SYNSET_PATH, TAG_ATTEMPT, TAG_DIGEST, TAG_KEY, TAG_OVERRIDES, TAG_PARENT, TAG_ROLE, TAG_SWEEP,
+    child_runs, clear_failure, end_run, runs_by_key, set_tags, versions,
+)
+
+# MLflow's limits per log_batch call.
+_MAX_METRICS, _MAX_PARAMS = 1000, 100
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"eval": {"epochs": 5}} -> {"eval.epochs": "5"}; values as JSON, strings as-is."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+class TrialRun:
+    """The child run of one trial, as the trial process writes to it.
+
+    Metrics are buffered and sent with `log_batch` on `flush` (the trainable flushes at each
+    checkpoint), so logging costs one request per checkpoint interval, not one per iteration.
+    A trial resumed from a checkpoint older than its last logged step skips the steps MLflow
+    already holds, so every step is logged once.
+    """
+
+    def __init__(self, client: MlflowClient, run: Run):
+        self.client = client
+        self.run_id = run.info.run_id
+        self.run = run
+        self._buffer: list[Metric] = []
+        # Steps up to here are in MLflow already: a trial resumed from an older checkpoint
+        # recomputes them (identically on CPU) but must not log them twice.
+        self.logged_until = int(run.data.metrics.get("iteration", 0))
+
+    @classmethod
+    def open(
+        cls, client: MlflowClient, parent_run_id: str, sweep: str, trial: Trial,
+        run_id: str | None = None,
+    ) -> TrialRun:
+        """Continue the trial's run (by id from a checkpoint, else by key and digest) or
+        create it. A FINISHED run is returned untouched (`finished` is True): the caller skips
+        the work.
+        """
+        parent = client.get_run(parent_run_id)
+        run = _existing(client, run_id)
+        if run is None:
+            same = runs_by_key(child_runs(client, parent), {trial.key: trial.digest}, status=None)
+            run = same.get(trial.key)
+        if run is None:
+            run = client.create_run(
+                parent.info.experiment_id, run_name=trial.key,
+                tags={
+                    TAG_PARENT: parent_run_id, TAG_SWEEP: sweep, TAG_ROLE: "trial",
+                    TAG_KEY: trial.key, TAG_DIGEST: trial.digest,
+                    TAG_OVERRIDES: json.dumps(trial.overrides, sort_keys=True), **versions(),
+                },
+            )
+        opened = cls(client, run)
+        if run.info.status == "FINISHED":
+            return opened
+        if not run.data.params:  # a run created by a process killed before it logged them
+            params = [Param(k, v[:6000]) for k, v in flatten(trial.values()).items()]
+            for start in range(0, len(params), _MAX_PARAMS):
+                client.log_batch(run.info.run_id, params=params[start : start + _MAX_PARAMS])
+        attempt = int(run.data.tags.get(TAG_ATTEMPT, "0")) + 1
+        client.update_run(run.info.run_id, status="RUNNING")
+        client.set_tag(run.info.run_id, TAG_ATTEMPT, str(attempt))
+        clear_failure(client, run)
+        return opened
+
+    @property
+    def finished(self) -> bool:
+        return self.run.info.status == "FINISHED"
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        set_tags(self.client, self.run_id, tags)
+
+    def log_iteration(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One optimisation step's metrics, unless this step was logged before a restart."""
+        if step > self.logged_until:
+            self.log_metrics(step, {"iteration": step, **metrics})
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self._buffer) >= _MAX_METRICS:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            batch, self._buffer = self._buffer[:_MAX_METRICS], self._buffer[_MAX_METRICS:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_evaluation(self, evaluation: EvalResult, step: int) -> dict[str, float]:
+        """Per-network and summary accuracies of an evaluation; returns what was logged."""
+        metrics = evaluation.metrics()
+        self.log_metrics(step, metrics)
+        self.flush()
+        return metrics
+
+    def log_outputs(self, synset_dir: Path, results_file: Path) -> None:
+        self.client.log_artifacts(self.run_id, str(synset_dir), SYNSET_PATH)
+        self.client.log_artifact(self.run_id, str(results_file))
+
+    def finish(self) -> None:
+        self.flush()
+        end_run(self.client, self.run_id, "FINISHED")
+
+    def fail(self, reason: str, status: str = "FAILED") -> None:
+        """End FAILED with the reason, keeping the curve up to the failure."""
+        try:
+            self.flush()
+        finally:
+            end_run(self.client, self.run_id, status, reason)
+
+    def stop(self, reason: str) -> None:
+        """Interrupted, not broken: KILLED; the next launch continues this run."""
+        self.fail(reason, status="KILLED")
+
+
+def _existing(client: MlflowClient, run_id: str | None) -> Run | None:
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # gone, or from another store: fall back to the key
+        return None
+    return run if run.info.lifecycle_stage == "active" else None
+
+
+__all__ = ["TrialRun", "flatten"]
