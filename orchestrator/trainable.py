@@ -1,7 +1,7 @@
 """One sweep trial as a Ray Tune function trainable: the engine's experiment, logged, resumable.
 
-Tune calls `train_trial(config, context, trials)`. Its param space holds only the trial key,
-``config["trial"]``; what the trial is crosses typed, bound with `tune.with_parameters` (so a
+Tune calls `train_trial(params, context, trials)`. Its param space holds only the trial key,
+``params["trial"]``; what the trial is crosses typed, bound with `tune.with_parameters` (so a
 relaunch passes fresh values through Ray's object store):
 
 * `trials` maps each key to the spec's `Trial` (grid point, engine `Config`, digest);
@@ -109,8 +109,9 @@ def _node_tags() -> dict[str, str]:
             "mim4dd.hostname": socket.gethostname()}
 
 
-def train_trial(config: dict[str, str], context: LaunchContext, trials: dict[str, Trial]) -> None:
-    trial = trials[config["trial"]]
+def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str, Trial]) -> None:
+    """Tune's entry point; `params` is the trial's param-space entry, {"trial": key}."""
+    trial = trials[params["trial"]]
     load_plugins(list(context.plugins))
     # A trial gets the cores Ray reserved for it, not every core of the node.
     torch.set_num_threads(max(1, int(context.cpus)))
