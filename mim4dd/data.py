@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mim4dd.atomic import write_atomic
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mim4dd" / "data"
 
@@ -227,16 +229,24 @@ def _debian_fashion_mnist(cache: Path) -> Path | None:
     """Gunzip Debian's Fashion-MNIST into torchvision's raw layout (its md5 check rejects .gz)."""
     if not DEBIAN_FASHION_MNIST.is_dir():
         return None
-    raw = cache / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for packed in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
-        target = raw / packed.name.removesuffix(".gz")
-        if not target.exists():
-            partial = target.with_suffix(".partial")
-            with gzip.open(packed, "rb") as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            partial.replace(target)  # atomic: a concurrent reader never sees half a file
+    unpack_gz(sorted(DEBIAN_FASHION_MNIST.glob("*-ubyte.gz")), cache / "FashionMNIST" / "raw")
     return cache
+
+
+def unpack_gz(packed: list[Path], folder: Path) -> None:
+    """Gunzip each file into `folder` unless there already. Every writer uses its own temporary
+    name and renames it into place, so processes loading at once (a sweep's first trials)
+    never share a half-written file, and a reader never sees one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in packed:
+        target = folder / source.name.removesuffix(".gz")
+        if not target.exists():
+            write_atomic(target, lambda tmp, source=source: _gunzip(source, tmp))
+
+
+def _gunzip(source: Path, target: Path) -> None:
+    with gzip.open(source, "rb") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
 
 
 def _load_torchvision(info: DatasetInfo, roots: list[Path], download: bool):

@@ -108,3 +108,37 @@ def test_debian_files_are_valid_gzip():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     with gzip.open(data_module.DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz") as f:
         assert f.read(4) == b"\x00\x00\x08\x01"
+
+
+def _unpack_after(barrier, packed, folder):
+    barrier.wait()  # every process starts its first-use unpack at the same moment
+    data_module.unpack_gz(packed, folder)
+
+
+def test_concurrent_first_loaders_do_not_race(tmp_path):
+    """Four processes unpack the same files into an empty cache at once (a sweep's first
+    trials on a fresh machine): all succeed and every file is whole."""
+    import multiprocessing as mp
+
+    payload = torch.randint(0, 256, (8 << 20,), generator=torch.Generator().manual_seed(0),
+                            dtype=torch.uint8).numpy().tobytes()  # incompressible: slow enough
+    packed = []
+    for name in ("a-ubyte", "b-ubyte"):
+        packed.append(tmp_path / f"{name}.gz")
+        with gzip.open(packed[-1], "wb", compresslevel=1) as out:
+            out.write(payload)
+    folder = tmp_path / "cache" / "raw"
+    for _round in range(2):
+        context = mp.get_context("spawn")
+        barrier = context.Barrier(4)
+        workers = [context.Process(target=_unpack_after, args=(barrier, packed, folder))
+                   for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+        assert sorted(p.name for p in folder.iterdir()) == ["a-ubyte", "b-ubyte"]  # no leftovers
+        assert all((folder / n).read_bytes() == payload for n in ("a-ubyte", "b-ubyte"))
+        for path in folder.iterdir():
+            path.unlink()
