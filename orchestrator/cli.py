@@ -64,12 +64,15 @@ def launch(
     """Run a sweep's unfinished trials (missing expert buffers first); relaunching resumes."""
     spec = _load(spec_file, address, tracking_uri)
     from orchestrator.experts import ExpertStageError
+    from orchestrator.locks import SweepLockedError
     from orchestrator.service import launch as run_sweep
 
     try:
         outcome = run_sweep(spec, dry_run=dry_run, progress=True, console=err)
     except ExpertStageError as exc:
         raise _fail(f"expert stage failed; no trial was started:\n{exc}") from None
+    except SweepLockedError as exc:
+        raise _fail(f"not launched: {exc}") from None
     if dry_run:
         out.print(_table(outcome.table, f"{spec.name}: {outcome.total} trials (dry run)"))
         if outcome.buffers:
@@ -99,12 +102,15 @@ def experts(
     """Train the expert buffers a sweep's trajectory-matching trials need, and nothing else."""
     spec = _load(spec_file, address, tracking_uri)
     from orchestrator.experts import ExpertStageError
+    from orchestrator.locks import SweepLockedError
     from orchestrator.service import prepare_experts
 
     try:
         buffers = prepare_experts(spec, console=err)
     except ExpertStageError as exc:
         raise _fail(f"expert stage failed:\n{exc}") from None
+    except SweepLockedError as exc:
+        raise _fail(f"not started: {exc}") from None
     if not buffers:
         out.print(f"{spec.name}: no trial uses base mtt; no expert buffer is needed")
         return
@@ -177,12 +183,16 @@ def report(
     from orchestrator.queries import sweep_report
 
     try:
-        summary = sweep_report(name, tracking_uri)
+        report = sweep_report(name, tracking_uri)
     except LookupError as exc:
         raise _fail(str(exc)) from None
-    if summary.empty:
-        raise _fail(f"sweep {name!r} has no finished trials yet")
-    _print_summary(summary, name)
+    if report.superseded:
+        err.print(f"note: {len(report.superseded)} trial(s) also have finished results of an "
+                  f"older config, not shown: {escape(', '.join(report.superseded))}",
+                  highlight=False)
+    if report.summary.empty:
+        raise _fail(f"sweep {name!r} has no finished trials yet (of its current config)")
+    _print_summary(report.summary, name)
     out.print("seed-level: mean ± std over seeds of each seed's mean over its networks; "
               "pooled: over every network of every seed (population std).")
 

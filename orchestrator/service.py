@@ -35,6 +35,7 @@ from mim4dd.bases import plugin_modules
 from orchestrator import aggregate, experts, queries, tracking
 from orchestrator.board import Board
 from orchestrator.expand import Trial
+from orchestrator.locks import sweep_lock
 from orchestrator.spec import SweepSpec, trial_table
 from orchestrator.trainable import LaunchContext
 from orchestrator.tune_run import ray_session, run_tune
@@ -61,12 +62,19 @@ def launch(
     spec: SweepSpec, *, dry_run: bool = False, progress: bool = True,
     console: Console | None = None,
 ) -> SweepOutcome:
-    """Run every unfinished trial of `spec`, then aggregate; see the module docstring."""
+    """Run every unfinished trial of `spec`, then aggregate; see the module docstring.
+    Raises SweepLockedError, before anything starts, while another launch of it runs."""
     trials = spec.trials()  # expanded when the spec was loaded
     if dry_run:  # nothing started, nothing logged
         return SweepOutcome(spec.name, "DRY_RUN", len(trials), table=trial_table(spec),
                             buffers=experts.describe(trials))
+    with sweep_lock(spec.name, tracking.home()):
+        return _launch(spec, trials, progress, console)
 
+
+def _launch(
+    spec: SweepSpec, trials: list[Trial], progress: bool, console: Console | None
+) -> SweepOutcome:
     uri = tracking.resolve_tracking_uri(spec.tracking_uri)
     client = tracking.connect(uri)
     experiment_id = tracking.ensure_experiment(client, spec.experiment_name, uri)
@@ -130,7 +138,7 @@ def prepare_experts(spec: SweepSpec, console: Console | None = None) -> list[exp
     uri = tracking.resolve_tracking_uri(spec.tracking_uri)
     client = tracking.connect(uri)
     experiment_id = tracking.ensure_experiment(client, spec.experiment_name, uri)
-    with ray_session(spec.ray_address):
+    with sweep_lock(spec.name, tracking.home()), ray_session(spec.ray_address):
         return experts.prepare(spec, trials, console,
                                _buffer_logger(client, experiment_id, spec.name))
 

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunTag, ViewType
+from mlflow.entities import Param, Run, RunTag, ViewType
+
+from orchestrator.locks import held
 
 HOME_ENV = "MIM4DD_HOME"
 DEFAULT_HOME = ".mim4dd"
@@ -93,9 +95,14 @@ def artifact_root(uri: str) -> str | None:
 
 def connect(uri: str) -> MlflowClient:
     path = _sqlite_path(uri)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    if path is None:
+        return MlflowClient(tracking_uri=uri)
+    # MLflow creates and migrates a fresh sqlite store on first use; two processes doing it
+    # at once break it ("duplicate column name"), so the first use is serialised.
+    with held(path.with_name(path.name + ".lock")):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
