@@ -108,13 +108,22 @@ def sweep_status(name: str, tracking_uri: str | None = None) -> SweepStatus:
     return SweepStatus(name, parent.info.status, total, trials)
 
 
-def sweep_report(name: str, tracking_uri: str | None = None) -> pd.DataFrame:
+@dataclass
+class SweepReport:
+    summary: pd.DataFrame  # per cell, finished trials of the current configs
+    superseded: list[str]  # trial keys with finished results of an older config, not shown
+
+
+def sweep_report(name: str, tracking_uri: str | None = None) -> SweepReport:
     """The aggregated table of a sweep's finished trials of the current configs."""
     client, parent = _open_sweep(name, tracking_uri)
-    found = summarize(client, parent, current_digests(client, parent))
-    if found is None:
-        return aggregate.summarize(*aggregate.trial_frame([]))
-    return found[1]
+    digests = current_digests(client, parent)
+    runs = tracking.child_runs(client, parent)
+    found = summarize(client, parent, digests)
+    summary = found[1] if found else aggregate.summarize(*aggregate.trial_frame([]))
+    current = set(tracking.runs_by_key(runs, digests, "FINISHED"))
+    older = set(tracking.latest_per_key(runs, "FINISHED")) - current
+    return SweepReport(summary, sorted(older))
 
 
 def pull_set(
@@ -174,5 +183,5 @@ def find_trial_run(
     return matches[0]
 
 
-__all__ = ["SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run", "pull_set",
+__all__ = ["SweepReport", "SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run", "pull_set",
            "record_trials", "summarize", "sweep_report", "sweep_status", "ui_command"]

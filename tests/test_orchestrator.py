@@ -341,6 +341,7 @@ def test_report_and_status_show_only_the_current_config(ray_cluster, home, tmp_p
     assert len(sweep_runs(tracking.resolve_tracking_uri(), "changed")[2]) == 2
     report = CliRunner().invoke(app, ["report", "changed"])
     assert report.exit_code == 1 and "no finished trials yet" in report.output, report.output
+    assert "1 trial(s) also have finished results of an older config" in report.output
     status = queries.sweep_status("changed")
     assert [(t["key"], t["status"]) for t in status.trials] == [("lam=0", "FAILED")]
     assert "FINISHED" not in CliRunner().invoke(app, ["status", "changed"]).output
