@@ -35,16 +35,24 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _parse_assignment(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise _fail(f"--set expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)  # YAML typing: 0.8 -> float, [1,2] -> list
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise _fail(f"--set expects KEY=VALUE with both given, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)  # YAML typing: 0.8 -> float, [1,2] -> list
+    except yaml.YAMLError as exc:
+        raise _fail(f"--set {text!r}: the value is not valid YAML ({exc})") from None
 
 
 def _build_config(config_file: Path | None, settings: dict[str, Any]) -> Config:
     tree: dict[str, Any] = {}
     if config_file is not None:
-        tree = yaml.safe_load(config_file.read_text()) or {}
+        try:
+            tree = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise _fail(f"--config {config_file}: cannot be read ({exc})") from None
+        if not isinstance(tree, dict):
+            raise _fail(f"--config {config_file}: a config file is a mapping of fields")
     try:
         for dotted, value in settings.items():
             if value is not None:
@@ -112,7 +120,7 @@ def distill(
     settings: Annotated[Optional[list[str]], typer.Option("--set", help="any Config field: --set model.width=64")] = None,
     out: Annotated[Optional[Path], typer.Option(help="output folder (default: derived from the config)")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate the distilled set")] = True,
-    checkpoint_every: Annotated[int, typer.Option(help="iterations between resumable state saves")] = 100,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="iterations between resumable state saves (0: none)")] = 100,
     force: Annotated[bool, typer.Option(help="start over even if OUT holds a finished run")] = False,
 ) -> None:
     """Distill a synthetic set, evaluate it and write it with a results JSON."""

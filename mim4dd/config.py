@@ -7,6 +7,7 @@ researcher may want to grid over lives here and nowhere else.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,10 +16,13 @@ from mim4dd.data import DATASETS, canonical_dataset_name
 from mim4dd.bases import base_class, base_names, unknown_base_message
 
 
-class StrictModel(BaseModel):
-    """Unknown fields are errors, not silently ignored typos."""
+MAX_COUNT = 10_000_000  # iterations or epochs beyond this are a typo (1e20), not a plan
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class StrictModel(BaseModel):
+    """Unknown fields are errors, not silently ignored typos; inf and NaN are never a setting."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):
@@ -34,7 +38,7 @@ class EvalConfig(StrictModel):
     """Train `num_nets` fresh networks on a synthetic set and test them on the real test split."""
 
     num_nets: int = Field(5, ge=1, description="networks trained per evaluation")
-    epochs: int = Field(300, ge=1)
+    epochs: int = Field(300, ge=1, le=MAX_COUNT)
     lr: float = Field(0.01, gt=0, description="used when the set carries no learned lr")
     lr_decay_epoch_fraction: float = Field(0.5, gt=0, le=1, description="lr x0.1 at this point")
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -78,7 +82,7 @@ class Config(StrictModel):
     mim_blocks: list[int] | None = Field(None, description="1-based blocks used; None = all")
     lr_heads: float = Field(0.01, gt=0)
     # optimisation
-    iterations: int = Field(5000, ge=0)
+    iterations: int = Field(5000, ge=0, le=MAX_COUNT)
     lr_img: float = Field(0.1, gt=0)
     momentum_img: float = Field(0.5, ge=0, lt=1)
     lr_milestones: list[int] = Field(default_factory=lambda: [1800, 2800])
@@ -128,6 +132,13 @@ class Config(StrictModel):
     def _registered_base(cls, value: str) -> str:
         if value not in base_names():
             raise ValueError(unknown_base_message(value))
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a device (allowed: auto, cpu, cuda, cuda:N, mps)")
         return value
 
     @field_validator("dsa_strategy")

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import stat
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,6 +40,8 @@ FORMAT_VERSION = 1
 TENSORS_FILE = "synset.safetensors"
 MANIFEST_FILE = "manifest.json"
 GRID_FILE = "grid.png"
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_TENSORS_BYTES = 4 << 30  # 1,000 classes x IPC 50 at 64 x 64 x 3 is 2.5 GB
 
 GRID_PADDING = 2
 # Cells smaller than this are upscaled (nearest) so tiny images stay visible in the PNG.
@@ -103,6 +107,10 @@ def _check_tensors(
         fail(f"{len(labels)} labels for {len(images)} images")
     if lr is not None and (lr.dtype != torch.float32 or lr.dim() != 0):
         fail(f"lr must be a float32 scalar, got {lr.dtype} {list(lr.shape)}")
+    if not torch.isfinite(images).all():
+        fail("images hold NaN or infinite values")
+    if lr is not None and not (torch.isfinite(lr) and lr > 0):
+        fail(f"lr must be a positive finite step size, got {float(lr)}")
     num_classes = manifest["num_classes"]
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         fail(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
@@ -136,8 +144,27 @@ def _check_manifest(manifest: Any, where: str) -> None:
         raise SyntheticSetError(f"{where}: image_shape must be [C, H, W], got {shape}")
     norm = manifest["normalisation"]
     for key in ("mean", "std"):
-        if not isinstance(norm.get(key), list) or len(norm[key]) != shape[0]:
-            raise SyntheticSetError(f"{where}: normalisation.{key} needs {shape[0]} values")
+        values = norm.get(key)
+        if not (isinstance(values, list) and len(values) == shape[0]
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            raise SyntheticSetError(f"{where}: normalisation.{key} needs {shape[0]} numbers")
+
+
+def _read_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (never a device or a pipe behind a
+    link, which could be endless); SyntheticSetError otherwise."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise SyntheticSetError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise SyntheticSetError(f"{path}: {info.st_size} bytes, above the {limit} a set "
+                                    "file may have")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SyntheticSetError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise SyntheticSetError(f"{path}: cannot read: {exc}") from None
 
 
 def _sha256(data: bytes) -> str:
@@ -332,20 +359,13 @@ class SyntheticSet:
         manifest_path = directory / MANIFEST_FILE
         tensors_path = directory / TENSORS_FILE
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SyntheticSetError(f"{manifest_path}: file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SyntheticSetError(f"{manifest_path}: cannot read JSON: {exc}") from exc
+            manifest = json.loads(_read_file(manifest_path, MAX_MANIFEST_BYTES).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise SyntheticSetError(f"{manifest_path}: cannot read JSON: {exc}") from None
         _check_manifest(manifest, str(manifest_path))
 
         # Read once, hash those bytes, parse those bytes: nothing unverified is ever parsed.
-        try:
-            data = tensors_path.read_bytes()
-        except FileNotFoundError:
-            raise SyntheticSetError(f"{tensors_path}: file not found") from None
-        except OSError as exc:
-            raise SyntheticSetError(f"{tensors_path}: cannot read: {exc}") from exc
+        data = _read_file(tensors_path, MAX_TENSORS_BYTES)
         digest = _sha256(data)
         if digest != manifest["sha256"]:
             raise SyntheticSetError(

@@ -13,6 +13,7 @@ How the trials are made from the file is in `orchestrator.expand`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from orchestrator.expand import BASE_KEY, Trial, expand, path_problem, render
 
 DEFAULT_EXPERIMENT = "mim4dd"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_NAME = 100  # it names folders and files (plus suffixes): well inside NAME_MAX (255)
+DEFAULT_MAX_TRIALS = 10_000  # a typo'd axis can multiply a grid into millions of trials
+MAX_YAML_NODES = 100_000  # a sweep file's size with its aliases expanded (alias bombs)
 ENGINE_KEY = "engine"
 OLD_ENGINE_KEY = "base"  # the engine section's name before 0.2; still read, with a notice
 
@@ -51,7 +55,8 @@ class SweepSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=NAME_PATTERN, description="identifies the sweep; the resume key")
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_NAME,
+                      description="identifies the sweep; the resume key")
     experiment: str | None = Field(None, description=f"MLflow experiment ({DEFAULT_EXPERIMENT!r})")
     description: str = ""
     engine: dict[str, Any] = Field(default_factory=dict, description="engine settings for all")
@@ -64,6 +69,7 @@ class SweepSpec(BaseModel):
     checkpoint_every: int = Field(50, ge=1, description="iterations between Tune checkpoints")
     ray_address: str | None = None
     tracking_uri: str | None = None
+    max_trials: int = Field(DEFAULT_MAX_TRIALS, ge=1, description="refuse a larger grid")
 
     _trials: list[Trial] | None = PrivateAttr(None)
     _notices: list[str] = PrivateAttr(default_factory=list)
@@ -89,15 +95,16 @@ class SweepSpec(BaseModel):
 
 
 def load_spec(
-    path: str | Path, *, address: str | None = None, tracking_uri: str | None = None
+    path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
+    max_trials: int | None = None,
 ) -> SweepSpec:
-    """Read and fully validate a sweep file; `address`/`tracking_uri` (from the CLI) win over
-    the file's `ray_address`/`tracking_uri`. Raises SpecError listing every problem."""
+    """Read and fully validate a sweep file; `address`/`tracking_uri`/`max_trials` (from the
+    CLI) win over the file's fields. Raises SpecError listing every problem."""
     data = _read_yaml(Path(path))
-    if address is not None:
-        data["ray_address"] = address
-    if tracking_uri is not None:
-        data["tracking_uri"] = tracking_uri
+    for field, value in (("ray_address", address), ("tracking_uri", tracking_uri),
+                         ("max_trials", max_trials)):
+        if value is not None:
+            data[field] = value
     return parse_spec(data)
 
 
@@ -136,7 +143,14 @@ def _renamed_engine(data: dict[str, Any]) -> tuple[dict[str, Any], str, list[str
 
 
 def _trials_of(spec: SweepSpec, label: str) -> tuple[list[Trial], list[str]]:
+    count = math.prod(len(v) for v in spec.grid.values()) + len(spec.include)
+    if count > spec.max_trials:  # counted before anything is expanded
+        return [], [f"grid: {count} trials is above max_trials ({spec.max_trials}); check the "
+                    "axes, or raise the cap (max_trials: in the file, --max-trials on the CLI)"]
     trials, problems = expand(spec.engine, spec.grid, spec.include, spec.exclude, label)
+    if not trials and not problems:
+        problems.append("grid: the sweep has no trials (every grid point is excluded); "
+                        "remove exclude rows or add include rows")
     if spec.resources.gpu == 0:
         devices = sorted({t.config.device for t in trials if t.config.device.startswith("cuda")})
         if devices:
@@ -168,7 +182,27 @@ def trial_table(spec: SweepSpec) -> list[dict[str, Any]]:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice in one mapping (YAML keeps the last)."""
+    """SafeLoader that refuses a key written twice in one mapping (YAML keeps the last) and a
+    document too large once its aliases are expanded (an alias bomb)."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None and (size := _expanded_size(node, {})) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"the file expands to {size} values through its aliases "
+                                 f"(*name), above {MAX_YAML_NODES}: refused")
+        return node
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Values in `node` with every alias expanded, counted in linear time (shared nodes once)."""
+    if id(node) not in memo:
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        memo[id(node)] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[id(node)]
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -210,6 +244,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise SpecError([f"{path}: YAML error at {where}: {what}"]) from None
     except yaml.YAMLError as exc:
         raise SpecError([f"{path}: YAML error: {exc}"]) from None
+    except RecursionError:
+        raise SpecError([f"{path}: the YAML is nested too deeply"]) from None
     if data is None:
         raise SpecError([f"{path}: the sweep file is empty"])
     if not isinstance(data, dict):

@@ -42,3 +42,21 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "lamda" in result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "manifest.json" in result.output
+
+
+def test_careless_input_is_a_one_line_error_not_a_traceback(tmp_path):
+    runner = CliRunner()
+    cases = [
+        (["--set", "ipc="], "--set expects KEY=VALUE with both given"),
+        (["--config", str(tmp_path / "missing.yaml")], "cannot be read"),
+        (["--set", "model=5"], "model: Input should be a valid dictionary"),
+        (["--set", "device=banana"], "'banana' is not a device"),
+        (["--set", "lr_img=.inf"], "lr_img: Input should be a finite number"),
+        (["--checkpoint-every", "-1"], "checkpoint-every"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, ["distill", *args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in result.output and "Traceback" not in result.output, (args,
+                                                                                result.output)
+    assert not (tmp_path / "out").exists()  # nothing was started

@@ -106,6 +106,17 @@ INVALID = [
      ["max_concurrent: Input should be greater than or equal to 1",
       "retries: Input should be greater than or equal to 0",
       "checkpoint_every: Input should be greater than or equal to 1"]),
+    ("a name longer than a file name may be", spec_with(name="s" * 101),
+     ["name: String should have at most 100 characters"]),
+    ("infinite and absurd values", spec_with(grid={"lr_img": [float("inf")], "iterations": [1e20]}),
+     ["grid.lr_img[0]: Input should be a finite number",
+      "grid.iterations[0]: Unable to parse input string as an integer"]),
+    ("not a device", spec_with(base={"device": "banana"}),
+     ["base.device: 'banana' is not a device (allowed: auto, cpu, cuda, cuda:N, mps)"]),
+    ("every grid point excluded", spec_with(grid={"lam": [0]}, exclude=[{"lam": 0}]),
+     ["grid: the sweep has no trials (every grid point is excluded)"]),
+    ("a grid above the cap", spec_with(grid={"seed": list(range(200)), "lam": list(range(60))}),
+     ["grid: 12000 trials is above max_trials (10000)"]),
 ]
 
 
@@ -288,3 +299,24 @@ def test_trials_are_expanded_once_and_carry_their_digest(tmp_path, monkeypatch):
     trial_table(spec)
     assert calls == [1] and first is again
     assert len({t.digest for t in first}) == 4 and all(len(t.digest) == 16 for t in first)
+
+
+def test_a_huge_grid_is_refused_before_it_is_expanded(tmp_path):
+    axes = {f"eval.{f}": list(range(1, 101)) for f in ("epochs", "num_nets", "batch_size")}
+    axes["seed"] = list(range(1000))  # 10^9 trials: expanding them would never finish
+    message = problems_of(tmp_path, spec_with(grid=axes))
+    assert "1000000000 trials is above max_trials" in message
+    small = write(tmp_path, spec_with(grid={"seed": list(range(3))}), "small.yaml")
+    assert len(load_spec(small).trials()) == 3
+    with pytest.raises(SpecError, match=r"3 trials is above max_trials \(2\)"):
+        load_spec(small, max_trials=2)  # the CLI's --max-trials
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path):
+    # 9^9 milestones through 81 aliases: validating them would take minutes and gigabytes.
+    lines = ["name: bomb", "grid: {lam: [0]}", "anchors:", "  - &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for level in range(1, 10):
+        lines.append(f"  - &a{level} [{', '.join([f'*a{level - 1}'] * 9)}]")
+    lines.append("engine: {lr_milestones: *a9}")
+    message = problems_of(tmp_path, "\n".join(lines) + "\n")
+    assert "expands to" in message and "aliases" in message

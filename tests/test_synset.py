@@ -244,3 +244,27 @@ def test_load_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", forbidden)
     loaded = SyntheticSet.load(tmp_path)
     assert loaded.lr is not None and len(loaded.images) == 6
+
+
+def test_load_refuses_endless_files_and_non_finite_images(tmp_path):
+    import hashlib
+
+    import safetensors.torch
+
+    folder = make_set().save(tmp_path / "set")
+    endless = tmp_path / "endless"
+    endless.mkdir()
+    (endless / MANIFEST_FILE).symlink_to("/dev/zero")  # read_bytes would never return
+    with pytest.raises(SyntheticSetError, match="not a regular file"):
+        SyntheticSet.load(endless)
+
+    # A set whose images were swapped for NaN, with a checksum that matches the swap.
+    tensors = safetensors.torch.load((folder / TENSORS_FILE).read_bytes())
+    tensors["images"][0, 0, 0, 0] = float("nan")
+    data = safetensors.torch.save(tensors)
+    (folder / TENSORS_FILE).write_bytes(data)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["sha256"] = hashlib.sha256(data).hexdigest()
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(SyntheticSetError, match="NaN or infinite"):
+        SyntheticSet.load(folder)
