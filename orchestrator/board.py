@@ -102,7 +102,11 @@ class BoardFeed(_TuneCallback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if _BOARD:
-            _BOARD.update(_key(trial), "done", "")
+            last = trial.last_result or {}
+            if last.get("failed"):  # ended FAILED by the trainable itself (not retried)
+                _BOARD.update(_key(trial), "failed", str(last.get("error", ""))[:120])
+            else:
+                _BOARD.update(_key(trial), "done", "")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         if _BOARD:

@@ -11,6 +11,7 @@ The commands parse arguments and print; the work is in `orchestrator.service` (l
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,11 +61,16 @@ def launch(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Validate and list the trials and the expert buffers they need; "
                           "start and log nothing.")] = False,
+    max_trials: Annotated[int | None, typer.Option(
+        min=1, help="Refuse a sweep with more trials (default: the file's max_trials, "
+                    "else 10000).")] = None,
 ) -> None:
     """Run a sweep's unfinished trials (missing expert buffers first); relaunching resumes."""
-    spec = _load(spec_file, address, tracking_uri)
+    spec = _load(spec_file, address, tracking_uri, max_trials)
+    _stop_on_sigterm()
     from orchestrator.experts import ExpertStageError
     from orchestrator.locks import SweepLockedError
+    from orchestrator.preflight import PreflightError
     from orchestrator.service import launch as run_sweep
 
     try:
@@ -73,6 +79,8 @@ def launch(
         raise _fail(f"expert stage failed; no trial was started:\n{exc}") from None
     except SweepLockedError as exc:
         raise _fail(f"not launched: {exc}") from None
+    except PreflightError as exc:
+        raise _fail(f"not launched; nothing was started:\n{exc}", 2) from None
     if dry_run:
         out.print(_table(outcome.table, f"{spec.name}: {outcome.total} trials (dry run)"))
         if outcome.buffers:
@@ -101,6 +109,7 @@ def experts(
 ) -> None:
     """Train the expert buffers a sweep's trajectory-matching trials need, and nothing else."""
     spec = _load(spec_file, address, tracking_uri)
+    _stop_on_sigterm()
     from orchestrator.experts import ExpertStageError
     from orchestrator.locks import SweepLockedError
     from orchestrator.service import prepare_experts
@@ -119,9 +128,18 @@ def experts(
     out.print(_table(rows, f"{spec.name}: expert buffers ready"))
 
 
-def _load(spec_file: Path, address: str | None, tracking_uri: str | None) -> SweepSpec:
+def _stop_on_sigterm() -> None:
+    """`timeout`, `kill` and job schedulers send SIGTERM: stop as on Ctrl-C (Tune's own SIGINT
+    handling when it runs), so runs end KILLED and a relaunch resumes them."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+
+
+def _load(
+    spec_file: Path, address: str | None, tracking_uri: str | None, max_trials: int | None = None
+) -> SweepSpec:
     try:
-        spec = load_spec(spec_file, address=address, tracking_uri=tracking_uri)
+        spec = load_spec(spec_file, address=address, tracking_uri=tracking_uri,
+                         max_trials=max_trials)
     except SpecError as exc:
         raise _fail(f"invalid sweep file {spec_file}:\n{exc}", 2) from None
     for notice in spec.notices:
@@ -221,13 +239,16 @@ def pull(
     where: Annotated[list[str] | None, typer.Option(
         help="... any other setting, PATH=VALUE (repeatable), e.g. eval.epochs=300.")] = None,
     tracking_uri: TrackingUri = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Write into OUT even if it holds files (a set's files are replaced).")
+    ] = False,
 ) -> None:
     """Download a trial's synthetic set, verify its checksum, and say how to load it."""
     from orchestrator.queries import pull_set
 
     values = {"dataset": dataset, "ipc": ipc, "lam": lam, "seed": seed, **_where(where or [])}
     try:
-        folder, run_id = pull_set(target, out_dir, tracking_uri, values)
+        folder, run_id = pull_set(target, out_dir, tracking_uri, values, force=force)
     except (LookupError, ValueError) as exc:  # SyntheticSetError is a ValueError
         raise _fail(f"cannot pull {target}: {exc}") from None
     except Exception as exc:  # MLflow: unknown run id, unreachable server

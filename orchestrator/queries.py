@@ -128,9 +128,15 @@ def sweep_report(name: str, tracking_uri: str | None = None) -> SweepReport:
 
 def pull_set(
     target: str, out_dir: str | os.PathLike, tracking_uri: str | None = None,
-    values: dict[str, Any] | None = None,
+    values: dict[str, Any] | None = None, force: bool = False,
 ) -> tuple[Path, str]:
-    """Pull by run id, or by sweep name plus setting values; returns (folder, run id)."""
+    """Pull by run id, or by sweep name plus setting values; returns (folder, run id).
+    A folder holding anything is only written into with `force`."""
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder")
+    if not force and folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty; pass --force to write the set into it")
     values = {k: v for k, v in (values or {}).items() if v is not None}
     if not values and re.fullmatch(r"[0-9a-f]{32}", target):
         return tracking.pull(target, out_dir, tracking_uri), target

@@ -32,7 +32,7 @@ import pandas as pd
 from rich.console import Console
 
 from mim4dd.bases import plugin_modules
-from orchestrator import aggregate, experts, queries, tracking
+from orchestrator import aggregate, experts, preflight, queries, tracking
 from orchestrator.board import Board
 from orchestrator.expand import Trial
 from orchestrator.locks import sweep_lock
@@ -63,13 +63,21 @@ def launch(
     console: Console | None = None,
 ) -> SweepOutcome:
     """Run every unfinished trial of `spec`, then aggregate; see the module docstring.
-    Raises SweepLockedError, before anything starts, while another launch of it runs."""
+    Raises, before anything starts or is logged, SweepLockedError while another launch of it
+    runs and PreflightError when its data or resources cannot serve its trials."""
     trials = spec.trials()  # expanded when the spec was loaded
     if dry_run:  # nothing started, nothing logged
         return SweepOutcome(spec.name, "DRY_RUN", len(trials), table=trial_table(spec),
                             buffers=experts.describe(trials))
     with sweep_lock(spec.name, tracking.home()):
+        if not _cluster_address(spec):  # the trials run here: check against this machine
+            preflight.check_local_resources(spec.resources, trials)
+            preflight.check_data(trials)
         return _launch(spec, trials, progress, console)
+
+
+def _cluster_address(spec: SweepSpec) -> str | None:
+    return spec.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
 def _launch(
@@ -95,11 +103,13 @@ def _launch(
             context = LaunchContext(spec.name, uri, parent_id, spec.checkpoint_every,
                                     spec.resources.cpu, tuple(plugin_modules()))
             console = console or Console(stderr=True)
-            if (spec.ray_address or os.environ.get("RAY_ADDRESS")) and tracking.is_embedded(uri):
+            if _cluster_address(spec) and tracking.is_embedded(uri):
                 console.print(f"[yellow]warning:[/] trials on other machines cannot reach {uri}; "
                               "give a tracking server with --tracking-uri", highlight=False)
             board = Board(spec.name, trials, done, console) if progress else None
             with ray_session(spec.ray_address):
+                if _cluster_address(spec):
+                    preflight.check_cluster_resources(spec.resources, remaining)
                 log = _buffer_logger(client, experiment_id, spec.name)
                 buffers = experts.prepare(spec, remaining, console, log)
                 if buffers:
@@ -114,6 +124,8 @@ def _launch(
         status = "KILLED"
         if isinstance(exc, experts.ExpertStageError):
             status, reason = "FAILED", f"expert stage failed, no trial started: {exc}"
+        elif isinstance(exc, preflight.PreflightError):
+            status, reason = "FAILED", f"no trial started: {exc}"
         try:
             _end_orphans(client, parent)
         finally:
@@ -204,10 +216,11 @@ def _end_parent(client: Any, run_id: str, outcome: SweepOutcome) -> None:
     if outcome.unfinished:
         outcome.status = "KILLED"
         reason = f"{len(outcome.unfinished)} trials did not finish; relaunch to resume"
-    elif outcome.total and not outcome.finished:
+    elif outcome.failed:  # a sweep with failed trials is not a finished sweep
         outcome.status = "FAILED"
-        first = next(iter(outcome.failed.values()), "")
-        reason = f"all {outcome.total} trials failed; first: {first}"
+        first = next(iter(outcome.failed.values()))
+        reason = (f"{len(outcome.failed)} of {outcome.total} trials failed; first: {first}; "
+                  "fix the cause, then relaunch to retry them")
     else:
         outcome.status, reason = "FINISHED", None
     tracking.end_run(client, run_id, outcome.status, reason)

@@ -28,14 +28,20 @@ import torch
 from ray import tune
 
 from mim4dd.bases import load_plugins
+from mim4dd.data import DatasetError
 from mim4dd.distill import Distiller, save_state
 from mim4dd.evaluate import EVAL_PREFIX
 from mim4dd.experiment import RESULTS_FILE, STATE_FILE, ExperimentCallback, run_experiment
+from mim4dd.objectives.base import DivergenceError
 from orchestrator.tracking import SYNSET_PATH, TAG_RESUMED, connect
 from orchestrator.expand import Trial
 from orchestrator.trial_run import TrialRun
 
 TRIAL_FILE = "trial.json"  # {"run_id", "key", "iteration"} beside the state
+# Errors a retry would only repeat: bad settings or data (ValueError and its kin: a missing
+# dataset, a refused expert buffer or set) and divergence. The trial ends FAILED at once.
+DETERMINISTIC_ERRORS = (ValueError, DatasetError, DivergenceError)
+FAILED = "failed"  # in a trial's last Tune result: it ended FAILED without Tune retrying it
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,12 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
         except (KeyboardInterrupt, SystemExit) as exc:  # Tune stopping the trial (Ctrl-C)
             run.stop(f"interrupted ({type(exc).__name__}); relaunch the sweep to resume")
             raise
-        except Exception as exc:
+        except DETERMINISTIC_ERRORS as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            run.fail(reason)
+            tune.report({FAILED: 1, "error": reason[:500]})  # returning: Tune does not retry
+            return
+        except Exception as exc:  # perhaps transient (a lost node, a full disk): Tune retries
             run.fail(f"{type(exc).__name__}: {exc}")
             raise
         tune.report(final)
@@ -159,4 +170,4 @@ def _run_and_log(
     return {"iteration": iterations, **metrics}
 
 
-__all__ = ["LaunchContext", "TRIAL_FILE", "train_trial"]
+__all__ = ["DETERMINISTIC_ERRORS", "FAILED", "LaunchContext", "TRIAL_FILE", "train_trial"]
