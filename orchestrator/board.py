@@ -81,12 +81,12 @@ def _key(trial: Any) -> str:
 
 
 try:
-    from ray.tune import Callback as _TuneCallback
+    from ray.tune import Callback as TuneCallback
 except ImportError:  # pragma: no cover - ray is a dependency of the sweep extra
-    _TuneCallback = object  # type: ignore[assignment,misc]
+    TuneCallback = object  # type: ignore[assignment,misc]
 
 
-class BoardFeed(_TuneCallback):
+class BoardFeed(TuneCallback):
     """Tune events -> the board. Stateless, so a restored experiment can unpickle it."""
 
     def on_trial_start(self, iteration, trials, trial, **info):

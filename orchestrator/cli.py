@@ -72,6 +72,7 @@ def launch(
     from orchestrator.locks import SweepLockedError
     from orchestrator.preflight import PreflightError
     from orchestrator.service import launch as run_sweep
+    from orchestrator.tune_run import PendingTimeoutError
 
     try:
         outcome = run_sweep(spec, dry_run=dry_run, progress=True, console=err)
@@ -81,6 +82,8 @@ def launch(
         raise _fail(f"not launched: {exc}") from None
     except PreflightError as exc:
         raise _fail(f"not launched; nothing was started:\n{exc}", 2) from None
+    except PendingTimeoutError as exc:
+        raise _fail(f"stopped: {exc}; relaunch once the resources are there") from None
     if dry_run:
         out.print(_table(outcome.table, f"{spec.name}: {outcome.total} trials (dry run)"))
         if outcome.buffers:

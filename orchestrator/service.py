@@ -38,7 +38,7 @@ from orchestrator.expand import Trial
 from orchestrator.locks import sweep_lock
 from orchestrator.spec import SweepSpec, trial_table
 from orchestrator.trainable import LaunchContext
-from orchestrator.tune_run import ray_session, run_tune
+from orchestrator.tune_run import PendingTimeoutError, ray_session, run_tune
 
 
 @dataclass
@@ -115,7 +115,11 @@ def _launch(
                 if buffers:
                     used = " ".join(sorted({b.digest for b in buffers}))
                     tracking.set_tags(client, parent_id, {tracking.TAG_BUFFERS: used})
-                tune_errors, outcome.resumed = run_tune(spec, trials, remaining, context, board)
+                tune_errors, outcome.resumed = run_tune(
+                    spec, trials, remaining, context, board,
+                    say=lambda note: console.print(f"note: {note}", markup=False, highlight=False,
+                                                   soft_wrap=True),
+                )
             _end_orphans(client, parent)
         _account(client, parent, trials, tune_errors, outcome)
         outcome.summary = _aggregate(client, parent, digests)
@@ -126,6 +130,8 @@ def _launch(
             status, reason = "FAILED", f"expert stage failed, no trial started: {exc}"
         elif isinstance(exc, preflight.PreflightError):
             status, reason = "FAILED", f"no trial started: {exc}"
+        elif isinstance(exc, PendingTimeoutError):
+            status, reason = "FAILED", str(exc)
         try:
             _end_orphans(client, parent)
         finally:

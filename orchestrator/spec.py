@@ -70,6 +70,10 @@ class SweepSpec(BaseModel):
     ray_address: str | None = None
     tracking_uri: str | None = None
     max_trials: int = Field(DEFAULT_MAX_TRIALS, ge=1, description="refuse a larger grid")
+    pending_timeout_s: float | None = Field(
+        900, gt=0, description="end the sweep when trials wait this long for resources while "
+        "none runs; null waits forever (an autoscaling cluster)",
+    )
 
     _trials: list[Trial] | None = PrivateAttr(None)
     _notices: list[str] = PrivateAttr(default_factory=list)

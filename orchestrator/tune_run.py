@@ -10,24 +10,25 @@ runs the unfinished trials only.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
-from orchestrator.board import Board, BoardFeed, showing, trial_dirname
+from orchestrator.board import Board, BoardFeed, TuneCallback, showing, trial_dirname
 from orchestrator.expand import Trial
 from orchestrator.spec import SweepSpec
 from orchestrator.trainable import LaunchContext
+from orchestrator.tune_folder import restore_blockers
 
 # Environment for the driver and every Ray worker (set before Ray starts).
 RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AIR_NEW_OUTPUT": "0",  # with verbose=0: no Tune tables, the rich board shows progress
     # One checkpoint kept means a state snapshot per trial checkpoint, by design (see below).
@@ -35,6 +36,11 @@ RAY_ENV = {
 }
 STORAGE_ENV = "MIM4DD_RAY_STORAGE"  # a folder all nodes share (NFS): multi-node checkpoints
 TRIALS_FILE = "mim4dd_trials.json"  # {key: digest} a Tune experiment folder was started with
+# The embedded cluster listens on loopback only, so it runs without Ray's token authentication
+# (a user's RAY_AUTH_MODE still wins). A cluster address gets none of this: its RAY_AUTH_* come
+# from the user's environment (README, Security).
+LOCAL_ENV = {"RAY_AUTH_MODE": "disabled"}
+BIND_ENV = "MIM4DD_RAY_BIND"  # "network": the embedded cluster may listen beyond loopback
 
 
 @contextmanager
@@ -64,20 +70,51 @@ def _init_ray(address: str | None) -> bool:
         "logging_level": logging.WARNING,
     }
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        # "local": a fresh in-process cluster, even when `ray start` left one on this machine.
-        address = "local"
-        kwargs["include_dashboard"] = False
-    ray.init(address=address, **kwargs)
+    if address in (None, "local"):  # "local" also starts one here: the same loopback cluster
+        start_local(**kwargs)
+    else:
+        ray.init(address=address, **kwargs)
     return True
+
+
+def start_local(**kwargs: Any) -> None:
+    """Start a fresh in-process Ray cluster (`ray.init(address="local")`, even when `ray start`
+    left one on this machine) whose processes listen on 127.0.0.1 only; $MIM4DD_RAY_BIND=network
+    lets it listen on the machine's address, with Ray's token authentication."""
+    import ray
+    from ray._private import ray_constants
+
+    network = os.environ.get(BIND_ENV) == "network"
+    if not network:
+        for name, value in LOCAL_ENV.items():
+            os.environ.setdefault(name, value)
+    elif os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        raise RuntimeError(f"{BIND_ENV}=network exposes Ray to the network: it needs Ray's "
+                           "token authentication (RAY_AUTH_MODE=token, or unset)")
+    # Ray's gRPC servers (GCS, raylet, object manager, workers) and its agents listen on
+    # 127.0.0.1 alone when the node's address is 127.0.0.1. Ray turns
+    # `_node_ip_address="127.0.0.1"` into the machine's address, but picks loopback itself
+    # where its cluster mode is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS
+    # and Windows; read at import, so set here for the start only).
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = saved and network
+    try:
+        context = ray.init(address="local", include_dashboard=False, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+    node = context.address_info["node_ip_address"]
+    if not network and not ipaddress.ip_address(node).is_loopback:  # refused: stop it now
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray cluster listened on {node}, not loopback; "
+                           f"{BIND_ENV}=network allows that")
 
 
 def run_tune(
     spec: SweepSpec, trials: list[Trial], remaining: list[Trial], context: LaunchContext,
-    board: Board | None,
+    board: Board | None, say: Callable[[str], None] = print,
 ) -> tuple[dict[str, str], bool]:
     """Run `remaining` on Ray Tune (Ray is running); returns Tune's errors by trial key and
-    whether it resumed."""
+    whether it resumed. `say` hears why a previous experiment it found is not resumed."""
     from ray import tune
 
     from orchestrator.trainable import train_trial
@@ -90,7 +127,9 @@ def run_tune(
     )
     storage = Path(os.environ.get(STORAGE_ENV) or tracking.home() / "ray_results")
     folder = storage / spec.name
-    resumed = _restorable(folder, trials, remaining)
+    resumed, notes = _restorable(folder, trials, remaining)
+    for note in notes:
+        say(note)
     if resumed:
         tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
     else:
@@ -112,7 +151,7 @@ def run_tune(
                 # One checkpoint kept; Tune then saves its experiment state after every
                 # trial checkpoint, so a killed sweep resumes from the newest one.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[BoardFeed()],
+                callbacks=[BoardFeed(), PendingWatch(spec.pending_timeout_s)],
             ),
         )
     with showing(board):
@@ -121,18 +160,54 @@ def run_tune(
     return errors, resumed
 
 
-def _restorable(folder: Path, trials: list[Trial], remaining: list[Trial]) -> bool:
-    """A Tune experiment in `folder` started for these trials and holding all unfinished."""
+class PendingTimeoutError(RuntimeError):
+    """Trials waited for resources longer than the sweep's pending_timeout_s while none ran."""
+
+
+class PendingWatch(TuneCallback):
+    """Ends the Tune run when trials have waited `timeout` seconds for resources while no trial
+    ran: whatever they ask for, the cluster does not free (a GPU it lacks, a node that left)."""
+
+    def __init__(self, timeout: float | None):
+        self.timeout = timeout
+        self.since: float | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "since": None}  # a restored run starts its own clock
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        pending = [t for t in trials if t.status == "PENDING"]
+        if self.timeout is None or not pending or any(t.status == "RUNNING" for t in trials):
+            self.since = None
+            return
+        self.since = self.since or time.monotonic()
+        if time.monotonic() - self.since > self.timeout:
+            wanted = pending[0].placement_group_factory.required_resources
+            raise PendingTimeoutError(
+                f"{len(pending)} trial(s) waited over {self.timeout:g} s for resources while "
+                f"none ran (each asks for {wanted}); the cluster never freed them "
+                f"(pending_timeout_s)"
+            )
+
+
+def _restorable(
+    folder: Path, trials: list[Trial], remaining: list[Trial]
+) -> tuple[bool, list[str]]:
+    """Whether the Tune experiment in `folder` was started for these trials, holds every
+    unfinished one, and is whole and ours (`tune_folder`); with what to tell the user."""
     from ray import tune
 
     try:
         saved = json.loads((folder / TRIALS_FILE).read_text())
     except (OSError, ValueError):
-        return False
+        return False, []
     current = {t.key: t.digest for t in trials}
     holds_remaining = all(saved.get(t.key) == t.digest for t in remaining)
     only_current = all(current.get(k) == d for k, d in saved.items())
-    return holds_remaining and only_current and tune.Tuner.can_restore(folder)
+    if not (holds_remaining and only_current and tune.Tuner.can_restore(folder)):
+        return False, []
+    blockers = restore_blockers(folder)
+    return not blockers, blockers
 
 
 def _short(error: Any) -> str:
@@ -140,4 +215,7 @@ def _short(error: Any) -> str:
     return text[-1][:500] if text else repr(error)
 
 
-__all__ = ["RAY_ENV", "STORAGE_ENV", "TRIALS_FILE", "ray_session", "run_tune"]
+__all__ = [
+    "BIND_ENV", "LOCAL_ENV", "RAY_ENV", "STORAGE_ENV", "TRIALS_FILE", "ray_session", "run_tune",
+    "start_local",
+]

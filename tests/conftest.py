@@ -82,16 +82,15 @@ def home(tmp_path, monkeypatch, template_db) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """An in-process local Ray cluster shared by a test module."""
+    """An in-process local Ray cluster shared by a test module, listening on loopback only."""
     import ray
 
     from orchestrator import tune_run
 
     for name, value in tune_run.RAY_ENV.items():
         os.environ.setdefault(name, value)
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-        runtime_env={"env_vars": dict(tune_run.RAY_ENV)},
+    tune_run.start_local(
+        num_cpus=2, log_to_driver=False, runtime_env={"env_vars": dict(tune_run.RAY_ENV)},
     )
     yield
     ray.shutdown()

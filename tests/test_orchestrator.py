@@ -8,6 +8,7 @@ MLflow store (MIM4DD_HOME in tmp_path). Trials distill scikit-learn's 8x8 digits
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +141,12 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     assert result.exit_code == 0, result.output
     assert target.info.run_id in result.output and "SyntheticSet.load(" in result.output
     assert SyntheticSet.load(tmp_path / "cli-pulled").manifest["config"]["lam"] == 0.8
+    pull_again = ["pull", "grid", "--lam", "0", "--seed", "1", "--out", str(tmp_path / "cli-pulled")]
+    refused = CliRunner().invoke(app, pull_again)
+    assert refused.exit_code == 1 and "not empty; pass --force" in refused.output
+    assert SyntheticSet.load(tmp_path / "cli-pulled").manifest["config"]["lam"] == 0.8
+    assert CliRunner().invoke(app, [*pull_again, "--force"]).exit_code == 0
+    assert SyntheticSet.load(tmp_path / "cli-pulled").manifest["config"]["lam"] == 0
 
     # status and report read the same store
     status = CliRunner().invoke(app, ["status", "grid"])
@@ -167,13 +174,14 @@ def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
                                 retries=1, checkpoint_every=2))
     outcome = service.launch(spec, progress=False)
 
-    assert outcome.status == "FINISHED"  # a partial failure keeps the sweep FINISHED
+    assert outcome.status == "FAILED"  # a sweep with a failed trial is not FINISHED
     assert outcome.finished == ["lr_img=0.1"]
     assert list(outcome.failed) == ["lr_img=1e+30"]
     assert "NonFiniteLossError" in outcome.failed["lr_img=1e+30"]
 
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "fail")
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FAILED"
+    assert "1 of 2 trials failed" in parent.data.tags[tracking.TAG_FAILURE]
     assert parent.data.tags[tracking.TAG_FAILED] == "1"
     assert parent.data.tags[tracking.TAG_FINISHED] == "1"
     by_key = {r.data.tags[tracking.TAG_KEY]: r for r in children}
@@ -181,7 +189,7 @@ def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
     bad = by_key["lr_img=1e+30"]
     assert bad.info.status == "FAILED"
     assert "NonFiniteLossError" in bad.data.tags[tracking.TAG_FAILURE]
-    assert bad.data.tags[tracking.TAG_ATTEMPT] == "2"  # retried once, in the same child run
+    assert bad.data.tags[tracking.TAG_ATTEMPT] == "1"  # divergence recurs: never retried
     assert by_key["lr_img=0.1"].info.status == "FINISHED"
     assert tracking.TAG_FAILURE not in by_key["lr_img=0.1"].data.tags
 
@@ -345,3 +353,82 @@ def test_report_and_status_show_only_the_current_config(ray_cluster, home, tmp_p
     status = queries.sweep_status("changed")
     assert [(t["key"], t["status"]) for t in status.trials] == [("lam=0", "FAILED")]
     assert "FINISHED" not in CliRunner().invoke(app, ["status", "changed"]).output
+
+
+def _launch_until_checkpointed(tmp_path: Path, home: Path, name: str) -> subprocess.Popen:
+    """A CLI launch of one long trial, returned once Tune holds its second checkpoint."""
+    path = write_spec(tmp_path / f"{name}.yaml", name, {"iterations": [600]}, checkpoint_every=10)
+    log = open(tmp_path / f"{name}.log", "w")
+    driver = subprocess.Popen(_cli("launch", str(path)), cwd=ROOT, env=_env(home), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    client = MlflowClient(tracking.resolve_tracking_uri())
+
+    def checkpointed() -> bool:
+        parent = tracking.find_sweep_run(client, name)
+        runs = tracking.child_runs(client, parent) if parent else []
+        checkpoints = [int(p.name.split("_")[1]) for p in
+                       (home / "ray_results" / name).glob("iterations=600_*/checkpoint_*")]
+        return bool(runs) and runs[0].info.status == "RUNNING" and max(checkpoints, default=0) >= 2
+
+    try:
+        wait_for(checkpointed, 240, f"{name}: a checkpointed trial")
+        time.sleep(0.5)  # let the driver snapshot the experiment state after that checkpoint
+    except BaseException:
+        kill_session(driver)
+        raise
+    return driver
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
+def test_sigterm_stops_like_ctrl_c(home, tmp_path):
+    driver = _launch_until_checkpointed(tmp_path, home, "term")
+    try:
+        driver.terminate()  # what `timeout`, `kill` and job schedulers send
+        assert driver.wait(timeout=120) != 0
+    finally:
+        kill_session(driver)
+    client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "term")
+    assert parent.info.status == "KILLED", (tmp_path / "term.log").read_text()
+    assert [r.info.status for r in children] == ["KILLED"]  # nothing left RUNNING
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
+def test_a_deleted_checkpoint_does_not_block_the_sweep(home, tmp_path):
+    kill_session(_launch_until_checkpointed(tmp_path, home, "gone"))
+    for checkpoint in (home / "ray_results" / "gone").glob("iterations=600_*/checkpoint_*"):
+        shutil.rmtree(checkpoint)
+
+    again = subprocess.run(_cli("launch", str(tmp_path / "gone.yaml")), cwd=ROOT,
+                           env=_env(home), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "is gone; its trial starts afresh in the same run" in again.stdout + again.stderr
+    client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "gone")
+    assert parent.info.status == "FINISHED"
+    assert [r.info.status for r in children] == ["FINISHED"]  # the same child run, finished
+    steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 601))  # redone from scratch, each step logged once
+
+
+@pytest.mark.slow
+def test_trials_that_never_get_resources_end_the_sweep(ray_cluster, home, tmp_path):
+    from orchestrator.tune_run import PendingTimeoutError
+
+    @ray.remote(num_cpus=2)
+    class Hog:  # another job holding every CPU of the cluster, for good
+        def ping(self):
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    try:
+        spec = load_spec(write_spec(tmp_path / "starved.yaml", "starved", {"lam": [0]},
+                                    pending_timeout_s=3))
+        with pytest.raises(PendingTimeoutError, match="waited over 3 s for resources"):
+            service.launch(spec, progress=False)
+    finally:
+        ray.kill(hog)
+    client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "starved")
+    assert parent.info.status == "FAILED" and not children
+    assert "pending_timeout_s" in parent.data.tags[tracking.TAG_FAILURE]

@@ -1,0 +1,45 @@
+"""Which Tune experiment folders a relaunch may restore (Tune unpickles them): whole, and
+written by this user only."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from orchestrator.tune_folder import missing_checkpoints, restore_blockers, unsafe_files
+
+
+def make_experiment(tmp_path):
+    folder = tmp_path / "sweep"
+    trial = folder / "lam=0_abc"
+    (trial / "checkpoint_000001").mkdir(parents=True)
+    rows = [{"iteration": 10, "checkpoint_dir_name": "checkpoint_000000"},
+            {"iteration": 15, "checkpoint_dir_name": None},
+            {"iteration": 20, "checkpoint_dir_name": "checkpoint_000001"}]
+    (trial / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + '\n{"cut')
+    (folder / "tuner.pkl").write_bytes(b"state")
+    os.chmod(folder / "tuner.pkl", 0o644)
+    return folder, trial
+
+
+def test_a_whole_folder_of_ours_may_be_restored(tmp_path):
+    folder, _ = make_experiment(tmp_path)
+    assert restore_blockers(folder) == []
+
+
+def test_a_missing_newest_checkpoint_blocks_restore(tmp_path):
+    folder, trial = make_experiment(tmp_path)
+    (trial / "checkpoint_000001").rmdir()
+    assert missing_checkpoints(folder) == ["lam=0_abc/checkpoint_000001"]
+    [reason] = restore_blockers(folder)
+    assert "checkpoint lam=0_abc/checkpoint_000001 is gone" in reason
+
+
+def test_files_others_could_have_written_block_restore(tmp_path):
+    folder, trial = make_experiment(tmp_path)
+    os.chmod(folder / "tuner.pkl", 0o666)
+    (trial / "params.pkl").symlink_to(tmp_path / "elsewhere.pkl")
+    found = unsafe_files(folder)
+    assert any("tuner.pkl is writable by group or others" in f for f in found)
+    assert any("params.pkl is a symbolic link" in f for f in found)
+    assert all("another user could have written" in r for r in restore_blockers(folder))
