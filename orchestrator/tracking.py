@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path

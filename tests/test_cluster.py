@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,11 +21,12 @@ import yaml
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
-from processes import HAS_PROC, stop  # noqa: E402
+from processes import HAS_PROC  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import service, tracking, tune_run  # noqa: E402
+from orchestrator import tracking, tune_run  # noqa: E402
+from sweep_helpers import mlflow_server as start_mlflow_server  # noqa: E402
 
 pytestmark = [
     pytest.mark.cluster,
@@ -37,12 +35,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,33 +65,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                output = (root / "server.log").read_text()
-                raise RuntimeError(f"mlflow server did not start:\n{output}")
-            time.sleep(0.5)
+    with start_mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as url:
         yield url
-    finally:
-        stop(process)
-        log.close()
 
 
 def test_sweep_on_two_nodes_with_tracking_server(cluster, mlflow_server, tmp_path):

@@ -7,7 +7,6 @@ MLflow store (MIM4DD_HOME in tmp_path). Trials distill scikit-learn's 8x8 digits
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
@@ -29,37 +27,9 @@ from mim4dd.synset import SyntheticSet  # noqa: E402
 from orchestrator import queries, service, tracking, trial_run  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "dataset": "digits",
-    "model": {"width": 8},
-    "iterations": 6,
-    "batch_real": 16,
-    "ipc": 1,
-    "eval": {"epochs": 30, "lr": 0.1, "num_nets": 2},
-}
-
-
-def write_spec(path: Path, name: str, grid: dict, **fields) -> Path:
-    spec = {"name": name, "engine": {**TINY, **fields.pop("base", {})}, "grid": grid, **fields}
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def wait_for(condition, timeout: float, what: str, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def sweep_runs(uri: str, name: str):
-    client = MlflowClient(uri)
-    parent = tracking.find_sweep_run(client, name)
-    return client, parent, tracking.child_runs(client, parent) if parent else []
+from sweep_helpers import (  # noqa: E402
+    ROOT, cli, cli_env, launch_until_checkpointed, sweep_runs, wait_for, write_spec,
+)
 
 
 def net_accuracies(run) -> list[float]:
@@ -194,24 +164,13 @@ def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
     assert tracking.TAG_FAILURE not in by_key["lr_img=0.1"].data.tags
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", *args]
-
-
-def _env(home: Path) -> dict:
-    env = {**os.environ, tracking.HOME_ENV: str(home)}
-    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-    return env
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
 def test_kill_and_relaunch_resumes_from_checkpoints(home, tmp_path):
     path = write_spec(tmp_path / "resume.yaml", "resume", {"iterations": [4, 600]},
                       checkpoint_every=10)
-    env, log = _env(home), open(tmp_path / "first.log", "w")
-    command = _cli("launch", str(path))
+    env, log = cli_env(home), open(tmp_path / "first.log", "w")
+    command = cli("launch", str(path))
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
     client = MlflowClient(tracking.resolve_tracking_uri())
@@ -264,8 +223,8 @@ def test_kill_and_relaunch_resumes_from_checkpoints(home, tmp_path):
 def test_invalid_spec_fails_fast(tmp_path):
     home = tmp_path / "home"
     path = write_spec(tmp_path / "bad.yaml", "bad", {"lamda": [0.1], "ipc": [0]})
-    env = _env(home)
-    result = subprocess.run(_cli("launch", str(path)), cwd=ROOT, env=env,
+    env = cli_env(home)
+    result = subprocess.run(cli("launch", str(path)), cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "grid.lamda: unknown engine field 'lamda'; did you mean 'lam'?" in result.stderr
@@ -355,34 +314,10 @@ def test_report_and_status_show_only_the_current_config(ray_cluster, home, tmp_p
     assert "FINISHED" not in CliRunner().invoke(app, ["status", "changed"]).output
 
 
-def _launch_until_checkpointed(tmp_path: Path, home: Path, name: str) -> subprocess.Popen:
-    """A CLI launch of one long trial, returned once Tune holds its second checkpoint."""
-    path = write_spec(tmp_path / f"{name}.yaml", name, {"iterations": [600]}, checkpoint_every=10)
-    log = open(tmp_path / f"{name}.log", "w")
-    driver = subprocess.Popen(_cli("launch", str(path)), cwd=ROOT, env=_env(home), stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    client = MlflowClient(tracking.resolve_tracking_uri())
-
-    def checkpointed() -> bool:
-        parent = tracking.find_sweep_run(client, name)
-        runs = tracking.child_runs(client, parent) if parent else []
-        checkpoints = [int(p.name.split("_")[1]) for p in
-                       (home / "ray_results" / name).glob("iterations=600_*/checkpoint_*")]
-        return bool(runs) and runs[0].info.status == "RUNNING" and max(checkpoints, default=0) >= 2
-
-    try:
-        wait_for(checkpointed, 240, f"{name}: a checkpointed trial")
-        time.sleep(0.5)  # let the driver snapshot the experiment state after that checkpoint
-    except BaseException:
-        kill_session(driver)
-        raise
-    return driver
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
 def test_sigterm_stops_like_ctrl_c(home, tmp_path):
-    driver = _launch_until_checkpointed(tmp_path, home, "term")
+    driver = launch_until_checkpointed(tmp_path, home, "term")
     try:
         driver.terminate()  # what `timeout`, `kill` and job schedulers send
         assert driver.wait(timeout=120) != 0
@@ -396,12 +331,12 @@ def test_sigterm_stops_like_ctrl_c(home, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
 def test_a_deleted_checkpoint_does_not_block_the_sweep(home, tmp_path):
-    kill_session(_launch_until_checkpointed(tmp_path, home, "gone"))
+    kill_session(launch_until_checkpointed(tmp_path, home, "gone"))
     for checkpoint in (home / "ray_results" / "gone").glob("iterations=600_*/checkpoint_*"):
         shutil.rmtree(checkpoint)
 
-    again = subprocess.run(_cli("launch", str(tmp_path / "gone.yaml")), cwd=ROOT,
-                           env=_env(home), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cli("launch", str(tmp_path / "gone.yaml")), cwd=ROOT,
+                           env=cli_env(home), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "is gone; its trial starts afresh in the same run" in again.stdout + again.stderr
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "gone")

@@ -1,0 +1,115 @@
+"""The production tracking path: a real `mlflow server` on 127.0.0.1 with a PostgreSQL backend
+store and proxied artifacts (`orchestrator.server`'s recipe), each test on a database of its own.
+The same sweep assertions as on the embedded store: parent and child runs, metrics, artifacts,
+report, pull, and resume after a killed driver. Skipped, with the reason, where no PostgreSQL
+answers on 127.0.0.1:5432 (CI's machines run one)."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("mlflow")
+psycopg = pytest.importorskip("psycopg", reason="the sweep extra's PostgreSQL driver")
+from processes import HAS_PROC, kill_session  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from mim4dd.synset import SyntheticSet  # noqa: E402
+from orchestrator import service, tracking  # noqa: E402
+from orchestrator.cli import app  # noqa: E402
+from orchestrator.spec import load_spec  # noqa: E402
+from sweep_helpers import (  # noqa: E402
+    ROOT, cli, cli_env, launch_until_checkpointed, mlflow_server, sweep_runs, write_spec,
+)
+
+pytestmark = pytest.mark.slow
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
+
+
+def _admin():
+    try:  # autocommit: CREATE/DROP DATABASE refuse to run in a transaction
+        return psycopg.connect(connect_timeout=3, autocommit=True, **POSTGRES)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({str(exc).strip()})")
+
+
+@pytest.fixture
+def postgres_uri():
+    """A fresh database for this test, dropped afterwards (its connections closed first)."""
+    name = f"mim4dd_test_{secrets.token_hex(4)}"
+    admin = _admin()
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql://{POSTGRES['user']}@{POSTGRES['host']}:{POSTGRES['port']}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = %s", (name,))
+            cursor.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
+
+
+@pytest.fixture
+def server(postgres_uri, tmp_path):
+    with mlflow_server(tmp_path / "server", postgres_uri) as url:
+        yield url
+
+
+def test_a_sweep_through_the_postgres_server(ray_cluster, home, tmp_path, server):
+    spec = load_spec(write_spec(tmp_path / "pg.yaml", "pg", {"lam": [0, 0.8]},
+                                checkpoint_every=3, tracking_uri=server))
+    outcome = service.launch(spec, progress=False)
+    assert outcome.status == "FINISHED" and sorted(outcome.finished) == ["lam=0", "lam=0.8"]
+    assert outcome.tracking_uri == server
+
+    client, parent, children = sweep_runs(server, "pg")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert {"eval/test_acc_mean", "eval/test_acc_std", "loss"} <= set(run.data.metrics)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(steps) == list(range(1, 7))  # every step once
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert names == {"synset", "results.json"}
+
+    report = CliRunner().invoke(app, ["report", "pg", "--tracking-uri", server])
+    assert report.exit_code == 0 and "seed-level" in report.output, report.output
+    pulled = CliRunner().invoke(app, ["pull", "pg", "--lam", "0.8", "--out",
+                                      str(tmp_path / "set"), "--tracking-uri", server])
+    assert pulled.exit_code == 0, pulled.output
+    assert SyntheticSet.load(tmp_path / "set").manifest["config"]["lam"] == 0.8
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
+def test_resume_after_a_killed_driver_on_postgres(home, tmp_path, server):
+    kill_session(launch_until_checkpointed(tmp_path, home, "pgresume", uri=server))
+    again = subprocess.run(cli("launch", str(tmp_path / "pgresume.yaml")), cwd=ROOT,
+                           env=cli_env(home), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    client, parent, children = sweep_runs(server, "pgresume")
+    assert parent.info.status == "FINISHED"
+    [run] = children  # the same child run, continued
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags[tracking.TAG_RESUMED]) > 0
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 601))  # none lost, none doubled
+
+
+def test_the_server_recipe_is_the_documented_one():
+    """README's cluster section and docker/compose.yaml start the server with the flags these
+    tests use."""
+    import yaml
+
+    from orchestrator.server import RECIPE_FLAGS, flags_of, server_command
+
+    assert flags_of(server_command("postgresql://x", "/a")) == set(RECIPE_FLAGS)
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    assert flags_of(compose["services"]["mlflow"]["command"]) == set(RECIPE_FLAGS)
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("mlflow server"):].split("```")[0]
+    assert flags_of(block.replace("\\\n", " ").split()) == set(RECIPE_FLAGS)
