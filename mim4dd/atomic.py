@@ -18,12 +18,21 @@ def stage(directory: Path, name: str, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); the finished file is as readable as any the
+        # user creates (their umask), so colleagues on a shared volume can read sets and buffers.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from mim4dd import __version__
 from mim4dd.atomic import write_atomic
 from mim4dd.config import Config, EvalConfig
 from mim4dd.data import DatasetError
@@ -26,7 +27,26 @@ from mim4dd.synset import SyntheticSet, SyntheticSetError
 
 app = typer.Typer(help="MIM4DD dataset distillation engine.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-console = Console(stderr=True, soft_wrap=True)  # paths and messages stay greppable
+# Results on stdout (`mim4dd distill ... | tee`), progress and messages on stderr; both keep
+# paths and messages on one line, so they stay greppable.
+results = Console(soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True)
+
+
+def show_version(value: bool) -> None:
+    """`--version` of both CLIs: the installed mim4dd version, then exit."""
+    if value:
+        typer.echo(f"mim4dd {__version__}")
+        raise typer.Exit()
+
+
+VersionOption = Annotated[bool, typer.Option(
+    "--version", callback=show_version, is_eager=True, help="Print the version and exit.")]
+
+
+@app.callback()
+def main(version: VersionOption = False) -> None:
+    """MIM4DD dataset distillation engine."""
 
 
 def _fail(message: str) -> typer.Exit:
@@ -150,9 +170,10 @@ def distill(
     result.save(out)
     state_path.unlink(missing_ok=True)
     evaluation = result.evaluation
-    console.print(f"wrote {out} (synset.safetensors, manifest.json, grid.png, {RESULTS_FILE})")
+    results.print(f"wrote {out} (synset.safetensors, manifest.json, grid.png, {RESULTS_FILE})")
     if evaluation is not None:
-        console.print(f"test accuracy: [bold]{evaluation}[/bold]  (validation {100 * evaluation.val_mean:.2f} %)")
+        results.print(f"test accuracy: [bold]{evaluation}[/bold]  "
+                      f"(validation {100 * evaluation.val_mean:.2f} %)")
 
 
 @app.command("evaluate")
@@ -185,7 +206,7 @@ def evaluate_command(
     text = json.dumps({"set": str(path), "eval": config.eval.model_dump(mode="json"),
                        "evaluation": evaluation.to_dict()}, indent=2) + "\n"
     write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    console.print(f"test accuracy: [bold]{evaluation}[/bold]; wrote {out}")
+    results.print(f"test accuracy: [bold]{evaluation}[/bold]; wrote {out}")
 
 
 @app.command("experts")
@@ -233,7 +254,7 @@ def experts_command(
             buffer = train_experts(config, count, folder, callback=report, data=data)
     except (DatasetError, ExpertBufferError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    console.print(f"expert buffer ready: {buffer.count} trajectories x {buffer.epochs + 1} "
+    results.print(f"expert buffer ready: {buffer.count} trajectories x {buffer.epochs + 1} "
                   f"checkpoints in {folder}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mim4dd.cli import VersionOption
 from orchestrator.spec import SpecError, SweepSpec, load_spec
 
 app = typer.Typer(
@@ -28,6 +30,17 @@ app = typer.Typer(
 )
 out = Console(soft_wrap=True)  # long keys, URIs and run ids stay on one line
 err = Console(stderr=True)
+
+
+@app.callback()
+def main(version: VersionOption = False) -> None:
+    """Run MIM4DD distillation sweeps on Ray Tune, tracked in MLflow."""
+
+class ReportFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
 
 TrackingUri = Annotated[str | None, typer.Option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_default=False,
@@ -199,8 +212,14 @@ def status(
 @app.command()
 def report(
     name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,
+    fmt: Annotated[ReportFormat, typer.Option(
+        "--format", help="table for people; csv or json (all columns, accuracies in %) for "
+                         "programs.")] = ReportFormat.table,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="Write the csv or json to this file instead of stdout.")] = None,
 ) -> None:
     """The aggregated accuracy table of a sweep (mean ± std per grid cell)."""
+    from mim4dd.atomic import write_atomic
     from orchestrator.queries import sweep_report
 
     try:
@@ -213,6 +232,18 @@ def report(
                   highlight=False)
     if report.summary.empty:
         raise _fail(f"sweep {name!r} has no finished trials yet (of its current config)")
+    if fmt is not ReportFormat.table:
+        summary = report.summary
+        text = (summary.to_csv(index=False) if fmt is ReportFormat.csv
+                else summary.to_json(orient="records", indent=2, double_precision=15) + "\n")
+        if out_file is None:
+            typer.echo(text, nl=False)
+        else:
+            write_atomic(out_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            err.print(f"wrote {out_file}", highlight=False)
+        return
+    if out_file is not None:
+        raise _fail("--out takes --format csv or json", 2)
     _print_summary(report.summary, name)
     out.print("seed-level: mean ± std over seeds of each seed's mean over its networks; "
               "pooled: over every network of every seed (population std).")

@@ -21,6 +21,8 @@ def test_distill_then_evaluate(tmp_path):
     }
     results = json.loads((out / "results.json").read_text())
     assert len(results["evaluation"]["test_accuracies"]) == 2
+    assert "test accuracy:" in result.stdout and "test accuracy:" not in result.stderr
+    assert "distill digits" in result.stderr  # progress goes to stderr
     assert results["config"]["model"]["width"] == 8
     assert SyntheticSet.load(out).images.shape == (10, 1, 8, 8)
 
@@ -60,3 +62,13 @@ def test_careless_input_is_a_one_line_error_not_a_traceback(tmp_path):
         assert expected in result.output and "Traceback" not in result.output, (args,
                                                                                 result.output)
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_both_clis_print_their_version():
+    from mim4dd import __version__
+    from orchestrator.cli import app as sweep_app
+
+    for cli_app in (app, sweep_app):
+        result = CliRunner().invoke(cli_app, ["--version"])
+        assert result.exit_code == 0 and result.output == f"mim4dd {__version__}\n"
+    assert __version__ != "unknown"  # the tests run an installed package

@@ -7,6 +7,8 @@ MLflow store (MIM4DD_HOME in tmp_path). Trials distill scikit-learn's 8x8 digits
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 import subprocess
 import sys
@@ -123,6 +125,16 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     assert status.exit_code == 0 and "4/4 done" in status.output, status.output
     report = CliRunner().invoke(app, ["report", "grid"])
     assert report.exit_code == 0 and "seed-level" in report.output, report.output
+    as_csv = CliRunner().invoke(app, ["report", "grid", "--format", "csv"])
+    assert as_csv.exit_code == 0, as_csv.output
+    table = pd.read_csv(io.StringIO(as_csv.output))
+    assert sorted(table["lam"]) == [0, 0.8] and set(table["n_seeds"]) == {2}
+    written = CliRunner().invoke(app, ["report", "grid", "--format", "json", "--out",
+                                       str(tmp_path / "report.json")])
+    assert written.exit_code == 0, written.output
+    rows = json.loads((tmp_path / "report.json").read_text())
+    expected = list(table["seed_level_mean_pct"])
+    assert [r["seed_level_mean_pct"] for r in rows] == pytest.approx(expected)
 
     # a relaunch of a finished sweep re-runs nothing and adds no run
     again = service.launch(spec, progress=False)

@@ -268,3 +268,15 @@ def test_load_refuses_endless_files_and_non_finite_images(tmp_path):
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(SyntheticSetError, match="NaN or infinite"):
         SyntheticSet.load(folder)
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        folder = make_set().save(tmp_path / "set")
+    finally:
+        os.umask(old)
+    for name in (TENSORS_FILE, MANIFEST_FILE):
+        assert (folder / name).stat().st_mode & 0o777 == 0o640, name
