@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean-runs
+.PHONY: demo demo-data test bench clean-runs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,7 +12,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[sweep,test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+# The quickstart's data, Debian's Fashion-MNIST, installed here when this user may (root, or
+# sudo without a password). Otherwise the launch stops before Ray starts, naming the command.
+demo-data:
+	@test -d $(FASHION_MNIST) || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; \
+	  else exit 0; fi; \
+	  echo "installing Debian's dataset-fashion-mnist, the quickstart's data"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
+	    || { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y -qq dataset-fashion-mnist; } || true; }
+
+demo: $(STAMP) demo-data
 	$(VENV)/bin/mim4dd-sweep launch sweeps/quickstart.yaml
 	$(VENV)/bin/mim4dd-sweep report quickstart
 

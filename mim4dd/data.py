@@ -45,8 +45,8 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("MNIST", 1, 28, 10, (0.1307,), (0.3081,), True, _TORCHVISION_HINT),
         DatasetInfo(
             "FashionMNIST", 1, 28, 10, (0.2861,), (0.3530,), False,
-            "install Debian's package `dataset-fashion-mnist` (found automatically in "
-            f"{DEBIAN_FASHION_MNIST}), or " + _TORCHVISION_HINT,
+            "install Debian's package: `sudo apt-get install dataset-fashion-mnist` (found "
+            f"automatically in {DEBIAN_FASHION_MNIST}), or " + _TORCHVISION_HINT,
         ),
         DatasetInfo(
             "SVHN", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), True,
