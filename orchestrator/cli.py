@@ -181,6 +181,18 @@ def _print_summary(summary: Any, name: str) -> None:
     out.print(_table(rows, f"{name}: test accuracy (mean ± std)"))
 
 
+@app.command("list")
+def list_command(tracking_uri: TrackingUri = None) -> None:
+    """The sweeps in the store, newest first, with their status and trial counts."""
+    from orchestrator.queries import list_sweeps
+
+    rows = list_sweeps(tracking_uri)
+    if not rows:
+        err.print("no sweeps in this store yet")
+        return
+    out.print(_table(rows))
+
+
 @app.command()
 def status(
     name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,

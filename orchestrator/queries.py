@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,27 @@ def _open_sweep(name: str, tracking_uri: str | None) -> tuple[Any, Any]:
     if parent is None:
         raise LookupError(f"no sweep named {name!r} in {uri}")
     return client, parent
+
+
+def list_sweeps(tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """One row per sweep in the store, newest first: its parent run's status and counts as of
+    its last launch."""
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if not tracking.store_exists(uri):
+        return []
+    rows = []
+    for run in tracking.sweep_runs(tracking.connect(uri)):
+        tags = run.data.tags
+        finished, total = (tags.get(t, "?") for t in (tracking.TAG_FINISHED, tracking.TAG_TOTAL))
+        started = time.localtime(run.info.start_time / 1000)
+        rows.append({
+            "sweep": tags.get(tracking.TAG_SWEEP, run.info.run_name),
+            "status": run.info.status,
+            "finished": f"{finished}/{total}",
+            "failed": tags.get(tracking.TAG_FAILED, "?"),
+            "started": time.strftime("%Y-%m-%d %H:%M", started),
+        })
+    return rows
 
 
 def sweep_status(name: str, tracking_uri: str | None = None) -> SweepStatus:
@@ -189,5 +211,5 @@ def find_trial_run(
     return matches[0]
 
 
-__all__ = ["SweepReport", "SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run", "pull_set",
+__all__ = ["SweepReport", "SweepStatus", "list_sweeps", "TRIALS_ARTIFACT", "current_digests", "find_trial_run", "pull_set",
            "record_trials", "summarize", "sweep_report", "sweep_status", "ui_command"]

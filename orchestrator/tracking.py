@@ -170,6 +170,12 @@ def find_sweep_run(
     return runs[0] if runs else None
 
 
+def sweep_runs(client: MlflowClient) -> list[Run]:
+    """The parent run of every sweep in the store, newest first."""
+    ids = _experiment_ids(client)
+    return search_all(client, ids, f"tags.`{TAG_ROLE}` = 'sweep'") if ids else []
+
+
 def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
     """Every trial run under a sweep's parent run, newest first."""
     return search_all(

@@ -123,6 +123,9 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     # status and report read the same store
     status = CliRunner().invoke(app, ["status", "grid"])
     assert status.exit_code == 0 and "4/4 done" in status.output, status.output
+    [listed] = queries.list_sweeps()
+    assert (listed["sweep"], listed["status"], listed["finished"]) == ("grid", "FINISHED", "4/4")
+    assert "grid" in CliRunner().invoke(app, ["list"]).stdout
     report = CliRunner().invoke(app, ["report", "grid"])
     assert report.exit_code == 0 and "seed-level" in report.output, report.output
     as_csv = CliRunner().invoke(app, ["report", "grid", "--format", "csv"])
