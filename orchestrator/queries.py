@@ -211,5 +211,6 @@ def find_trial_run(
     return matches[0]
 
 
-__all__ = ["SweepReport", "SweepStatus", "list_sweeps", "TRIALS_ARTIFACT", "current_digests", "find_trial_run", "pull_set",
-           "record_trials", "summarize", "sweep_report", "sweep_status", "ui_command"]
+__all__ = ["SweepReport", "SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run",
+           "list_sweeps", "pull_set", "record_trials", "summarize", "sweep_report",
+           "sweep_status", "ui_command"]
