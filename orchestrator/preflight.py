@@ -61,7 +61,9 @@ def check_cluster_resources(resources: Resources, trials: list[Trial]) -> None:
     _check_fit(resources, trials, best, "the largest node of the cluster")
 
 
-def _check_fit(resources: Resources, trials: list[Trial], has: dict[str, float], where: str) -> None:
+def _check_fit(
+    resources: Resources, trials: list[Trial], has: dict[str, float], where: str
+) -> None:
     problems = []
     if resources.cpu > has["CPU"]:
         problems.append(f"resources.cpu: a trial asks for {resources.cpu:g} CPUs, {where} has "

@@ -294,7 +294,8 @@ def _salvage(data: dict[str, Any], exc: ValidationError) -> SweepSpec | None:
         if field not in SweepSpec.model_fields:
             continue
         if field in bad:
-            if field not in (ENGINE_KEY, "grid") or not isinstance(value, dict) or None in bad[field]:
+            mapping = field in (ENGINE_KEY, "grid") and isinstance(value, dict)
+            if not mapping or None in bad[field]:
                 continue
             value = {k: v for k, v in value.items() if k not in bad[field]}
         clean[field] = value
