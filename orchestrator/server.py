@@ -12,21 +12,27 @@ import sys
 
 # Every flag the recipe sets; any deployment of it must set the same ones.
 RECIPE_FLAGS = ("--backend-store-uri", "--artifacts-destination", "--serve-artifacts", "--host",
-                "--port")
+                "--port", "--workers")
+WORKERS = 2
+# Each server worker keeps this many PostgreSQL connections. MLflow's default pool (5 + 10
+# overflow) ran out under 64 concurrent trials, which then failed or hung the server
+# (BENCHMARKS.md section 5); 2 workers x 32 served 64 trials cleanly and stay below
+# PostgreSQL's default max_connections (100). Size workers x POOL_SIZE to the trials you run.
+POOL_SIZE = 32
+SERVER_ENV = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": str(POOL_SIZE),
+              "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "0"}
 
 
 def server_command(
     backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1",
-    port: int = 5000, workers: int | None = None,
+    port: int = 5000, workers: int = WORKERS,
 ) -> list[str]:
-    """`mlflow server` with the recipe's flags (host: loopback unless you say otherwise)."""
-    command = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", backend_store_uri,
-               "--artifacts-destination", artifacts_destination, "--serve-artifacts",
-               "--host", host, "--port", str(port)]
-    if workers is not None:  # gunicorn/uvicorn workers: memory against concurrency
-        command += ["--workers", str(workers)]
-    return command
+    """`mlflow server` with the recipe's flags (host: loopback unless you say otherwise); run
+    it with `SERVER_ENV` in its environment."""
+    return [sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", backend_store_uri,
+            "--artifacts-destination", artifacts_destination, "--serve-artifacts",
+            "--host", host, "--port", str(port), "--workers", str(workers)]
 
 
 def flags_of(arguments: list[str]) -> set[str]:
@@ -34,4 +40,4 @@ def flags_of(arguments: list[str]) -> set[str]:
     return {a.split("=", 1)[0] for a in arguments if a.startswith("--")}
 
 
-__all__ = ["RECIPE_FLAGS", "flags_of", "server_command"]
+__all__ = ["POOL_SIZE", "RECIPE_FLAGS", "SERVER_ENV", "WORKERS", "flags_of", "server_command"]

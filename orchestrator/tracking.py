@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag, ViewType
 
 from orchestrator.locks import held
+from orchestrator.retrying import RetryingClient
 
 HOME_ENV = "MIM4DD_HOME"
 DEFAULT_HOME = ".mim4dd"
@@ -93,15 +94,17 @@ def artifact_root(uri: str) -> str | None:
 
 
 def connect(uri: str) -> MlflowClient:
+    """A client of the store at `uri` whose calls ride out transient store errors
+    (`orchestrator.retrying`)."""
     path = _sqlite_path(uri)
     if path is None:
-        return MlflowClient(tracking_uri=uri)
+        return RetryingClient(MlflowClient(tracking_uri=uri))
     # MLflow creates and migrates a fresh sqlite store on first use; two processes doing it
     # at once break it ("duplicate column name"), so the first use is serialised.
     with held(path.with_name(path.name + ".lock")):
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
-    return client
+    return RetryingClient(client)
 
 
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:

@@ -131,8 +131,13 @@ def run_tune(
     for note in notes:
         say(note)
     if resumed:
-        tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
-    else:
+        try:
+            tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
+        except Exception as exc:  # e.g. saved by an older mim4dd whose classes have moved
+            say(f"cannot restore the Tune experiment in {folder} ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); its trials start afresh in their same runs")
+            resumed = False
+    if not resumed:
         if folder.exists():  # a different set of trials: keep it, out of the way
             folder.rename(folder.with_name(f"{spec.name}.replaced-{int(time.time())}"))
         folder.mkdir(parents=True)

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from processes import kill_session, stop
 
 from orchestrator import tracking
-from orchestrator.server import server_command
+from orchestrator.server import SERVER_ENV, server_command
 
 ROOT = Path(__file__).resolve().parents[1]
 # Trials that distill scikit-learn's 8x8 digits with an 8-channel ConvNet: about a second each.
@@ -108,7 +108,7 @@ def mlflow_server(root: Path, backend_store_uri: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
     log = open(root / "server.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               env={**os.environ, **SERVER_ENV}, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:

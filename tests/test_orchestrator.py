@@ -342,6 +342,15 @@ def test_sigterm_stops_like_ctrl_c(home, tmp_path):
     assert parent.info.status == "KILLED", (tmp_path / "term.log").read_text()
     assert [r.info.status for r in children] == ["KILLED"]  # nothing left RUNNING
 
+    # A Tune folder this version cannot restore (an older mim4dd's, say) does not block it.
+    (home / "ray_results" / "term" / "tuner.pkl").write_bytes(b"not a pickle")
+    again = subprocess.run(cli("launch", str(tmp_path / "term.yaml")), cwd=ROOT,
+                           env=cli_env(home), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "cannot restore the Tune experiment" in again.stderr
+    client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "term")
+    assert [r.info.status for r in children] == ["FINISHED"]  # the same run, finished
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")

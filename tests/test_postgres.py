@@ -105,11 +105,15 @@ def test_the_server_recipe_is_the_documented_one():
     tests use."""
     import yaml
 
-    from orchestrator.server import RECIPE_FLAGS, flags_of, server_command
+    from orchestrator.server import RECIPE_FLAGS, SERVER_ENV, WORKERS, flags_of, server_command
 
     assert flags_of(server_command("postgresql://x", "/a")) == set(RECIPE_FLAGS)
-    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
-    assert flags_of(compose["services"]["mlflow"]["command"]) == set(RECIPE_FLAGS)
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["mlflow"]
+    assert flags_of(compose["command"]) == set(RECIPE_FLAGS)
+    assert f"--workers={WORKERS}" in compose["command"]
+    assert {k: str(v) for k, v in compose["environment"].items() if k in SERVER_ENV} == SERVER_ENV
     readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("mlflow server"):].split("```")[0]
-    assert flags_of(block.replace("\\\n", " ").split()) == set(RECIPE_FLAGS)
+    [block] = [part for part in readme.split("```") if "mlflow server --backend" in part]
+    words = block.replace("\\\n", " ").split()
+    assert flags_of(words) == set(RECIPE_FLAGS) and str(WORKERS) in words
+    assert all(f"{k}={v}" in words for k, v in SERVER_ENV.items())
