@@ -194,6 +194,25 @@ def list_command(tracking_uri: TrackingUri = None) -> None:
 
 
 @app.command()
+def stop(name: Annotated[str, typer.Argument(help="Sweep name.")]) -> None:
+    """Stop a sweep launched on this machine, from another terminal: as Ctrl-C in its own, so
+    its runs end KILLED and launching it again resumes them."""
+    import socket
+
+    from orchestrator.locks import running_launch
+    from orchestrator.tracking import home
+
+    holder = running_launch(name, home())
+    if holder is None:
+        raise _fail(f"no launch of sweep {name!r} is running from {home()}")
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        raise _fail(f"sweep {name!r} runs on {holder.get('host', 'another machine')}: stop it "
+                    "there (Ctrl-C, or mim4dd-sweep stop)")
+    os.kill(holder["pid"], signal.SIGTERM)  # the launch handles SIGTERM as Ctrl-C
+    out.print(f"asked launch {holder['pid']} of {name} to stop; its runs end KILLED")
+
+
+@app.command()
 def status(
     name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,
 ) -> None:

@@ -48,13 +48,13 @@ def held(path: Path) -> Iterator[None]:
 def sweep_lock(name: str, home: Path) -> Iterator[None]:
     """Refuse at once (SweepLockedError, naming the holder) while another process launches
     sweep `name` from this home; else hold the lock until the block ends."""
-    path = home / "locks" / f"{name}.lock"
+    path = _lock_path(name, home)
     try:
         fd = _acquire(path, blocking=False)
     except BlockingIOError:
         raise SweepLockedError(
             f"sweep {name!r} is being launched already ({_holder(path)}); wait for it to "
-            "finish, or stop it (Ctrl-C) and launch again: it resumes"
+            f"finish, or stop it (mim4dd-sweep stop {name}) and launch again: it resumes"
         ) from None
     try:
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
@@ -66,6 +66,27 @@ def sweep_lock(name: str, home: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def running_launch(name: str, home: Path) -> dict | None:
+    """The holder (pid, host, since) of sweep `name`'s lock while a live process holds it;
+    None when no launch of it runs (the file of a finished one may remain)."""
+    path = _lock_path(name, home)
+    if not path.exists():
+        return None
+    try:
+        fd = _acquire(path, blocking=False)
+    except BlockingIOError:  # held: a launch is running
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+    os.close(fd)
+    return None
+
+
+def _lock_path(name: str, home: Path) -> Path:
+    return home / "locks" / f"{name}.lock"
+
+
 def _holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -74,4 +95,4 @@ def _holder(path: Path) -> str:
         return f"lock {path}"
 
 
-__all__ = ["SweepLockedError", "held", "sweep_lock"]
+__all__ = ["SweepLockedError", "held", "running_launch", "sweep_lock"]

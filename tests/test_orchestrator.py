@@ -334,10 +334,16 @@ def test_report_and_status_show_only_the_current_config(ray_cluster, home, tmp_p
 def test_sigterm_stops_like_ctrl_c(home, tmp_path):
     driver = launch_until_checkpointed(tmp_path, home, "term")
     try:
-        driver.terminate()  # what `timeout`, `kill` and job schedulers send
+        # From another terminal: SIGTERM to the launch, what `timeout` and schedulers send too.
+        stopped = subprocess.run(cli("stop", "term"), cwd=ROOT, env=cli_env(home),
+                                 capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0 and str(driver.pid) in stopped.stdout, stopped.stderr
         assert driver.wait(timeout=120) != 0
     finally:
         kill_session(driver)
+    nothing = subprocess.run(cli("stop", "term"), cwd=ROOT, env=cli_env(home),
+                             capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 1 and "no launch of sweep 'term' is running" in nothing.stderr
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "term")
     assert parent.info.status == "KILLED", (tmp_path / "term.log").read_text()
     assert [r.info.status for r in children] == ["KILLED"]  # nothing left RUNNING
