@@ -49,6 +49,13 @@ def main(version: VersionOption = False) -> None:
     """MIM4DD dataset distillation engine."""
 
 
+def _default(path: str) -> str:
+    """The engine's default for a dotted Config field, shown in --help."""
+    from mim4dd.settings import get_dotted
+
+    return str(get_dotted(Config().model_dump(mode="json"), path))
+
+
 def _fail(message: str) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(2)
@@ -90,12 +97,16 @@ def default_out_dir(config: Config) -> Path:
     return Path("runs") / f"{config.dataset}-ipc{config.ipc}-{config.base}-lam{config.lam:g}-seed{config.seed}"
 
 
-class _ProgressCallback(ExperimentCallback):
-    """A rich progress bar with the loss, a resumable state file every N iterations, and a
-    line when evaluation starts."""
+LOG_LINES = 20  # progress lines per distillation when stderr is a log, not a terminal
 
-    def __init__(self, progress: Progress, task, state_path: Path):
-        self.progress, self.task, self.state_path = progress, task, state_path
+
+class _ProgressCallback(ExperimentCallback):
+    """A rich progress bar with the loss (in a log file: a plain line every 5 % of the run), a
+    resumable state file every N iterations, and a line when evaluation starts."""
+
+    def __init__(self, progress: Progress, task, state_path: Path, total: int):
+        self.progress, self.task, self.state_path, self.total = progress, task, state_path, total
+        self.every = max(1, total // LOG_LINES)
 
     def on_start(self, distiller: Distiller) -> None:
         if distiller.iteration:
@@ -105,8 +116,10 @@ class _ProgressCallback(ExperimentCallback):
     def on_iteration(self, iteration: int, metrics: dict[str, float]) -> None:
         loss = f"loss {metrics['loss']:.4g} (base {metrics['loss_base']:.4g}"
         loss += f", mim {metrics['loss_mim']:.4g})" if "loss_mim" in metrics else ")"
-        self.progress.update(self.task, completed=iteration, loss=loss,
-                             rate=f"{1 / max(metrics['seconds_per_iteration'], 1e-9):.2f} it/s")
+        rate = f"{1 / max(metrics['seconds_per_iteration'], 1e-9):.2f} it/s"
+        self.progress.update(self.task, completed=iteration, loss=loss, rate=rate)
+        if not console.is_terminal and (iteration % self.every == 0 or iteration == self.total):
+            console.print(f"iteration {iteration}/{self.total}  {loss}  {rate}", highlight=False)
 
     def on_checkpoint(self, iteration: int, state: dict) -> None:
         save_state(state, self.state_path)
@@ -127,16 +140,28 @@ def _progress() -> Progress:
 @app.command()
 def distill(
     config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML with Config fields")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100, digits, ImageFolder")] = None,
-    ipc: Annotated[Optional[int], typer.Option(help="synthetic images per class")] = None,
-    lam: Annotated[Optional[float], typer.Option(help="weight of the MIM term (0 = base method)")] = None,
-    iterations: Annotated[Optional[int], typer.Option()] = None,
-    batch_real: Annotated[Optional[int], typer.Option(help="real images per class per step")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    data_root: Annotated[Optional[str], typer.Option()] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
-    eval_epochs: Annotated[Optional[int], typer.Option(help="epochs per evaluation network")] = None,
-    eval_nets: Annotated[Optional[int], typer.Option(help="networks trained in the evaluation")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100, digits, ImageFolder",
+        show_default=_default("dataset"))] = None,
+    ipc: Annotated[Optional[int], typer.Option(
+        help="synthetic images per class", show_default=_default("ipc"))] = None,
+    lam: Annotated[Optional[float], typer.Option(
+        help="weight of the MIM term (0 = base method)", show_default=_default("lam"))] = None,
+    iterations: Annotated[Optional[int], typer.Option(
+        help="image updates", show_default=_default("iterations"))] = None,
+    batch_real: Annotated[Optional[int], typer.Option(
+        help="real images per class per step", show_default=_default("batch_real"))] = None,
+    seed: Annotated[Optional[int], typer.Option(show_default=_default("seed"))] = None,
+    data_root: Annotated[Optional[str], typer.Option(
+        show_default="~/.cache/mim4dd/data")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="auto, cpu, cuda, cuda:1, ...", show_default=_default("device"))] = None,
+    eval_epochs: Annotated[Optional[int], typer.Option(
+        "--eval-epochs", "--epochs", help="epochs per evaluation network",
+        show_default=_default("eval.epochs"))] = None,
+    eval_nets: Annotated[Optional[int], typer.Option(
+        "--eval-nets", "--num-nets", help="networks trained in the evaluation",
+        show_default=_default("eval.num_nets"))] = None,
     settings: Annotated[Optional[list[str]], typer.Option("--set", help="any Config field: --set model.width=64")] = None,
     out: Annotated[Optional[Path], typer.Option(help="output folder (default: derived from the config)")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate the distilled set")] = True,
@@ -162,7 +187,8 @@ def distill(
         with _progress() as progress:
             task = progress.add_task(f"distill {config.dataset} ipc={config.ipc} λ={config.lam:g}",
                                      total=config.iterations, loss="", rate="")
-            result = run_experiment(config, callback=_ProgressCallback(progress, task, state_path),
+            callback = _ProgressCallback(progress, task, state_path, config.iterations)
+            result = run_experiment(config, callback=callback,
                                     evaluate=evaluate, state=resume,
                                     checkpoint_every=checkpoint_every)
     except (DatasetError, DivergenceError, ValueError) as exc:
@@ -179,8 +205,12 @@ def distill(
 @app.command("evaluate")
 def evaluate_command(
     path: Annotated[Path, typer.Argument(help="a saved synthetic set folder")],
-    epochs: Annotated[Optional[int], typer.Option()] = None,
-    num_nets: Annotated[Optional[int], typer.Option()] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        "--eval-epochs", "--epochs", help="epochs per network",
+        show_default="the set's own protocol")] = None,
+    num_nets: Annotated[Optional[int], typer.Option(
+        "--eval-nets", "--num-nets", help="networks to train",
+        show_default="the set's own protocol")] = None,
     seed: Annotated[Optional[int], typer.Option(help="first evaluation network's seed")] = None,
     data_root: Annotated[Optional[str], typer.Option()] = None,
     device: Annotated[Optional[str], typer.Option()] = None,

@@ -23,6 +23,9 @@ def test_distill_then_evaluate(tmp_path):
     assert len(results["evaluation"]["test_accuracies"]) == 2
     assert "test accuracy:" in result.stdout and "test accuracy:" not in result.stderr
     assert "distill digits" in result.stderr  # progress goes to stderr
+    # Not a terminal: a plain progress line per step here (3 steps, at most 20 lines a run).
+    assert [line.split()[1] for line in result.stderr.splitlines()
+            if line.startswith("iteration ")] == ["1/3", "2/3", "3/3"]
     assert results["config"]["model"]["width"] == 8
     assert SyntheticSet.load(out).images.shape == (10, 1, 8, 8)
 
@@ -72,3 +75,12 @@ def test_both_clis_print_their_version():
         result = CliRunner().invoke(cli_app, ["--version"])
         assert result.exit_code == 0 and result.output == f"mim4dd {__version__}\n"
     assert __version__ != "unknown"  # the tests run an installed package
+
+
+def test_one_name_per_knob_and_defaults_in_help(tmp_path):
+    runner = CliRunner()
+    for command in ("distill", "evaluate"):
+        shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert "--eval-nets" in shown and "--num-nets" in shown, command  # new name, old alias
+    shown = runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).output
+    assert "[default: (5000)]" in shown and "[default: (FashionMNIST)]" in shown
