@@ -19,6 +19,7 @@ import torch
 from mim4dd.atomic import write_atomic
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+OFFLINE_ENV = "MIM4DD_OFFLINE"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mim4dd" / "data"
 
 
@@ -168,7 +169,10 @@ def load_dataset(
     seed: int = 0,
     download: bool = True,
 ) -> RealData:
-    """Load train/val/test tensors. The validation split is held out of train with `seed`."""
+    """Load train/val/test tensors. The validation split is held out of train with `seed`.
+    Nothing is downloaded when `download` is False or $MIM4DD_OFFLINE is set (air-gapped
+    machines: a missing dataset is then an error naming how to get it)."""
+    download = download and not os.environ.get(OFFLINE_ENV)
     info = DATASETS[canonical_dataset_name(name)]
     roots = candidate_roots(data_root)
     if info.name == "digits":

@@ -4,6 +4,7 @@ data, an ipc the data cannot fill, resources this machine does not have."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -56,3 +57,23 @@ def test_resources_this_machine_lacks(tmp_path, bare_home):
     cores = os.cpu_count() or 1
     refused(tmp_path, bare_home, f"asks for {cores + 1} CPUs, this machine has {cores}",
             resources={"cpu": cores + 1})
+
+
+def test_the_demo_on_a_bare_machine_stops_before_ray_with_the_command(tmp_path, bare_home,
+                                                                       monkeypatch):
+    """`make demo` where Fashion-MNIST is nowhere (no Debian package, no cache, offline): one
+    clear message naming the command, exit 2, no Ray started, no MLflow store created."""
+    import ray
+
+    import mim4dd.data as data_module
+
+    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(data_module, "DEFAULT_CACHE", tmp_path / "empty-cache")
+    monkeypatch.setenv(data_module.OFFLINE_ENV, "1")
+    monkeypatch.delenv("MIM4DD_DATA", raising=False)
+    quickstart = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
+    result = CliRunner().invoke(app, ["launch", str(quickstart)])
+    assert result.exit_code == 2, result.output
+    assert "sudo apt-get install dataset-fashion-mnist" in result.stderr
+    assert "Traceback" not in result.output
+    assert not ray.is_initialized() and not (bare_home / "mlflow.db").exists()
