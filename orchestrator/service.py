@@ -38,6 +38,7 @@ from orchestrator.expand import Trial
 from orchestrator.locks import sweep_lock
 from orchestrator.spec import SweepSpec, trial_table
 from orchestrator.trainable import LaunchContext
+from orchestrator.trial_run import ERROR_FILE
 from orchestrator.tune_run import PendingTimeoutError, ray_session, run_tune
 
 
@@ -194,7 +195,9 @@ def _account(
             outcome.unfinished.append(trial.key)
         elif status == "FAILED" or trial.key in tune_errors:
             reason = run.data.tags.get(tracking.TAG_FAILURE) if run else None
-            outcome.failed[trial.key] = reason or tune_errors.get(trial.key, "failed")
+            reason = (reason or tune_errors.get(trial.key, "failed")).splitlines()[0]
+            where = f" (traceback: {ERROR_FILE} of run {run.info.run_id})" if run else ""
+            outcome.failed[trial.key] = reason[:300] + where
         else:
             outcome.unfinished.append(trial.key)
 

@@ -20,6 +20,7 @@ import json
 import logging
 import socket
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,11 +141,11 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
             raise
         except DETERMINISTIC_ERRORS as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            run.fail(reason)
+            run.fail(reason, details=traceback.format_exc())
             tune.report({FAILED: 1, "error": reason[:500]})  # returning: Tune does not retry
             return
         except Exception as exc:  # perhaps transient (a lost node, a full disk): Tune retries
-            run.fail(f"{type(exc).__name__}: {exc}")
+            run.fail(f"{type(exc).__name__}: {exc}", details=traceback.format_exc())
             raise
         tune.report(final)
 

@@ -23,6 +23,7 @@ from orchestrator.tracking import (
     child_runs, clear_failure, end_run, runs_by_key, set_tags, versions,
 )
 
+ERROR_FILE = "error.txt"  # a failed trial's traceback, in its run's artifacts
 # MLflow's limits per log_batch call.
 _MAX_METRICS, _MAX_PARAMS = 1000, 100
 
@@ -131,10 +132,13 @@ class TrialRun:
         self.flush()
         end_run(self.client, self.run_id, "FINISHED")
 
-    def fail(self, reason: str, status: str = "FAILED") -> None:
-        """End FAILED with the reason, keeping the curve up to the failure."""
+    def fail(self, reason: str, status: str = "FAILED", details: str | None = None) -> None:
+        """End FAILED with the reason, keeping the curve up to the failure; `details` (the
+        traceback) goes to the run as `ERROR_FILE`, so a log needs only the one-line reason."""
         try:
             self.flush()
+            if details:
+                self.client.log_text(self.run_id, details, ERROR_FILE)
         finally:
             end_run(self.client, self.run_id, status, reason)
 
@@ -153,4 +157,4 @@ def _existing(client: MlflowClient, run_id: str | None) -> Run | None:
     return run if run.info.lifecycle_stage == "active" else None
 
 
-__all__ = ["TrialRun", "flatten"]
+__all__ = ["ERROR_FILE", "TrialRun", "flatten"]
