@@ -176,8 +176,8 @@ def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
     bad = by_key["lr_img=1e+30"]
     assert bad.info.status == "FAILED"
     assert "NonFiniteLossError" in bad.data.tags[tracking.TAG_FAILURE]
-    error = client.download_artifacts(bad.info.run_id, "error.txt", str(tmp_path))
-    assert "Traceback" in Path(error).read_text() and "NonFiniteLossError" in Path(error).read_text()
+    error = Path(client.download_artifacts(bad.info.run_id, "error.txt", str(tmp_path)))
+    assert "Traceback" in error.read_text() and "NonFiniteLossError" in error.read_text()
     assert bad.data.tags[tracking.TAG_ATTEMPT] == "1"  # divergence recurs: never retried
     assert by_key["lr_img=0.1"].info.status == "FINISHED"
     assert tracking.TAG_FAILURE not in by_key["lr_img=0.1"].data.tags
