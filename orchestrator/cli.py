@@ -326,20 +326,30 @@ def pull(
 
 @app.command()
 def ui(
+    sweep: Annotated[str | None, typer.Argument(
+        help="A sweep whose runs table to link to.", show_default=False)] = None,
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
     host: Annotated[str, typer.Option(help="Address to bind (local only by default).")] =
         "127.0.0.1",
+    workers: Annotated[int, typer.Option(min=1, help="UI server processes.")] = 1,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Open the MLflow UI on the embedded store (runs `mlflow ui`)."""
     from orchestrator import tracking
-    from orchestrator.queries import ui_command
+    from orchestrator.queries import sweep_link, ui_command
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    base = f"http://{host}:{port}"
     if not tracking.is_embedded(uri):
-        raise _fail(f"{uri} is a tracking server already: open it in a browser")
-    command = ui_command(uri, host, port)
-    err.print(f"MLflow UI on http://{host}:{port} for {uri}")
+        link = f"; sweep {sweep}: {sweep_link(sweep, uri, uri)}" if sweep else ""
+        raise _fail(f"{uri} is a tracking server already: open it in a browser{link}")
+    if sweep:
+        try:
+            out.print(f"sweep {sweep}: {sweep_link(sweep, base, uri)}", highlight=False)
+        except LookupError as exc:
+            raise _fail(str(exc)) from None
+    command = ui_command(uri, host, port, workers)
+    err.print(f"MLflow UI on {base} for {uri}")
     os.execv(command[0], command)  # replace this process: Ctrl-C stops the UI directly
 
 

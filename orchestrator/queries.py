@@ -169,14 +169,21 @@ def pull_set(
     return tracking.pull(run.info.run_id, out_dir, tracking_uri), run.info.run_id
 
 
-def ui_command(tracking_uri: str | None, host: str, port: int) -> list[str]:
-    """The `mlflow ui` command line for a store (embedded: its sqlite db and artifacts)."""
+def ui_command(tracking_uri: str | None, host: str, port: int, workers: int = 1) -> list[str]:
+    """The `mlflow ui` command line for a store (embedded: its sqlite db and artifacts). One
+    worker by default: MLflow's four took ~2.5 GB for a handful of runs."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", host, "--port", str(port)]
+               "--host", host, "--port", str(port), "--workers", str(workers)]
     if root := tracking.artifact_root(uri):
         command += ["--default-artifact-root", root]
     return command
+
+
+def sweep_link(name: str, base_url: str, tracking_uri: str | None = None) -> str:
+    """The URL of a sweep's runs table in the MLflow UI at `base_url`."""
+    _, parent = _open_sweep(name, tracking_uri)
+    return f"{base_url.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs"
 
 
 def _same(actual: Any, wanted: Any) -> bool:
@@ -213,4 +220,4 @@ def find_trial_run(
 
 __all__ = ["SweepReport", "SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run",
            "list_sweeps", "pull_set", "record_trials", "summarize", "sweep_report",
-           "sweep_status", "ui_command"]
+           "sweep_link", "sweep_status", "ui_command"]

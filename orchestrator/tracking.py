@@ -44,6 +44,9 @@ TAG_RESUMED = "mim4dd.resumed_from_iteration"
 TAG_ATTEMPT = "mim4dd.attempt"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
+# MLflow 3's UI opens an experiment without this tag on its GenAI (tracing) page; with it, on
+# the runs table (the value its UI bundle names CUSTOM_MODEL_DEVELOPMENT).
+TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 TAG_EXPERTS = "mim4dd.experts"  # key digest of the expert buffer a run records
 TAG_BUFFERS = "mim4dd.expert_buffers"  # on a parent: digests of the buffers its trials read
 TAG_TOTAL, TAG_FINISHED, TAG_FAILED = (  # on a parent: trial counts of the last launch
@@ -108,12 +111,16 @@ def connect(uri: str) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment's id, created if needed, marked for MLflow 3's model-training view."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root(uri))
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_root(uri),
+                                        tags={TAG_EXPERIMENT_KIND: TRAINING_KIND})
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    if TAG_EXPERIMENT_KIND not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
+    return experiment.experiment_id
 
 
 def versions() -> dict[str, str]:

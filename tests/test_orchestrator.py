@@ -123,6 +123,10 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     # status and report read the same store
     status = CliRunner().invoke(app, ["status", "grid"])
     assert status.exit_code == 0 and "4/4 done" in status.output, status.output
+    link = queries.sweep_link("grid", "http://127.0.0.1:5000/")
+    assert link == f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs"
+    kind = client.get_experiment(parent.info.experiment_id).tags[tracking.TAG_EXPERIMENT_KIND]
+    assert kind == "custom_model_development"  # MLflow 3 opens its runs table, not GenAI
     [listed] = queries.list_sweeps()
     assert (listed["sweep"], listed["status"], listed["finished"]) == ("grid", "FINISHED", "4/4")
     assert "grid" in CliRunner().invoke(app, ["list"]).stdout
@@ -306,8 +310,8 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri() == "http://example:1"
     command = queries.ui_command(embedded, "127.0.0.1", 5001)
     assert command[1:] == ["-m", "mlflow", "ui", "--backend-store-uri", embedded, "--host",
-                           "127.0.0.1", "--port", "5001", "--default-artifact-root",
-                           tracking.artifact_root(embedded)]
+                           "127.0.0.1", "--port", "5001", "--workers", "1",
+                           "--default-artifact-root", tracking.artifact_root(embedded)]
 
 
 
