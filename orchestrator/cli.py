@@ -197,19 +197,14 @@ def list_command(tracking_uri: TrackingUri = None) -> None:
 def stop(name: Annotated[str, typer.Argument(help="Sweep name.")]) -> None:
     """Stop a sweep launched on this machine, from another terminal: as Ctrl-C in its own, so
     its runs end KILLED and launching it again resumes them."""
-    import socket
-
-    from orchestrator.locks import running_launch
+    from orchestrator.locks import stop_launch
     from orchestrator.tracking import home
 
-    holder = running_launch(name, home())
-    if holder is None:
-        raise _fail(f"no launch of sweep {name!r} is running from {home()}")
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        raise _fail(f"sweep {name!r} runs on {holder.get('host', 'another machine')}: stop it "
-                    "there (Ctrl-C, or mim4dd-sweep stop)")
-    os.kill(holder["pid"], signal.SIGTERM)  # the launch handles SIGTERM as Ctrl-C
-    out.print(f"asked launch {holder['pid']} of {name} to stop; its runs end KILLED")
+    try:
+        pid = stop_launch(name, home())
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"asked launch {pid} of {name} to stop; its runs end KILLED")
 
 
 @app.command()
@@ -264,9 +259,7 @@ def report(
     if report.summary.empty:
         raise _fail(f"sweep {name!r} has no finished trials yet (of its current config)")
     if fmt is not ReportFormat.table:
-        summary = report.summary
-        text = (summary.to_csv(index=False) if fmt is ReportFormat.csv
-                else summary.to_json(orient="records", indent=2, double_precision=15) + "\n")
+        text = report.as_text(fmt.value)
         if out_file is None:
             typer.echo(text, nl=False)
         else:

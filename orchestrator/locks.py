@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -83,6 +84,19 @@ def running_launch(name: str, home: Path) -> dict | None:
     return None
 
 
+def stop_launch(name: str, home: Path) -> int:
+    """Ask the launch of sweep `name` running on this machine to stop (SIGTERM, which a launch
+    handles as Ctrl-C); returns its pid. LookupError when there is none to stop here."""
+    holder = running_launch(name, home)
+    if holder is None:
+        raise LookupError(f"no launch of sweep {name!r} is running from {home}")
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        raise LookupError(f"sweep {name!r} runs on {holder.get('host', 'another machine')}: "
+                          "stop it there (Ctrl-C, or mim4dd-sweep stop)")
+    os.kill(holder["pid"], signal.SIGTERM)
+    return holder["pid"]
+
+
 def _lock_path(name: str, home: Path) -> Path:
     return home / "locks" / f"{name}.lock"
 
@@ -95,4 +109,4 @@ def _holder(path: Path) -> str:
         return f"lock {path}"
 
 
-__all__ = ["SweepLockedError", "held", "running_launch", "sweep_lock"]
+__all__ = ["SweepLockedError", "held", "running_launch", "stop_launch", "sweep_lock"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -135,6 +136,12 @@ class SweepReport:
     summary: pd.DataFrame  # per cell, finished trials of the current configs
     superseded: list[str]  # trial keys with finished results of an older config, not shown
 
+    def as_text(self, fmt: str) -> str:
+        """The summary as "csv" or "json" (records, full precision) for programs."""
+        if fmt == "csv":
+            return self.summary.to_csv(index=False)
+        return self.summary.to_json(orient="records", indent=2, double_precision=15) + "\n"
+
 
 def sweep_report(name: str, tracking_uri: str | None = None) -> SweepReport:
     """The aggregated table of a sweep's finished trials of the current configs."""
@@ -146,6 +153,35 @@ def sweep_report(name: str, tracking_uri: str | None = None) -> SweepReport:
     current = set(tracking.runs_by_key(runs, digests, "FINISHED"))
     older = set(tracking.latest_per_key(runs, "FINISHED")) - current
     return SweepReport(summary, sorted(older))
+
+
+def pull(run_id: str, out_dir: str | os.PathLike, tracking_uri: str | None = None) -> Path:
+    """Download a trial's synthetic set into `out_dir`, verified; returns `out_dir`.
+
+    The files land in a staging folder first and only move into `out_dir` once
+    `SyntheticSet.load` (which checks the tensors' sha256 against the manifest and never
+    unpickles) accepted them.
+    """
+    import mlflow.artifacts
+
+    from mim4dd.synset import SyntheticSet
+
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pull-") as staging:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=tracking.SYNSET_PATH, dst_path=staging, tracking_uri=uri
+        )
+        SyntheticSet.load(local)
+        out.mkdir(exist_ok=True)
+        for item in Path(local).iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    SyntheticSet.load(out)
+    return out
 
 
 def pull_set(
@@ -161,12 +197,12 @@ def pull_set(
         raise ValueError(f"{folder} is not empty; pass --force to write the set into it")
     values = {k: v for k, v in (values or {}).items() if v is not None}
     if not values and re.fullmatch(r"[0-9a-f]{32}", target):
-        return tracking.pull(target, out_dir, tracking_uri), target
+        return pull(target, out_dir, tracking_uri), target
     client, parent = _open_sweep(target, tracking_uri)
     runs = tracking.of_digests(tracking.child_runs(client, parent),
                                current_digests(client, parent))
     run = find_trial_run(runs, values=values)
-    return tracking.pull(run.info.run_id, out_dir, tracking_uri), run.info.run_id
+    return pull(run.info.run_id, out_dir, tracking_uri), run.info.run_id
 
 
 def ui_command(tracking_uri: str | None, host: str, port: int, workers: int = 1) -> list[str]:
@@ -219,5 +255,5 @@ def find_trial_run(
 
 
 __all__ = ["SweepReport", "SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run",
-           "list_sweeps", "pull_set", "record_trials", "summarize", "sweep_report",
+           "list_sweeps", "pull", "pull_set", "record_trials", "summarize", "sweep_report",
            "sweep_link", "sweep_status", "ui_command"]

@@ -1,7 +1,7 @@
 """MLflow bookkeeping for sweeps: where the store lives, finding runs, the sweep's parent run.
 
 A trial's own run is written by `orchestrator.trial_run`; a set is pulled back by
-`orchestrator.queries`.
+`orchestrator.queries.pull`.
 
 One parent run per sweep (found again by its `mim4dd.sweep` tag, so a relaunch continues it),
 one nested child run per trial (found again by `mim4dd.trial_key` + `mim4dd.config_digest`, so
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -305,38 +304,6 @@ def log_expert_buffer(
     return run_id
 
 
-# --- pulling a set back ----------------------------------------------------------------------
-
-
-def pull(run_id: str, out_dir: str | os.PathLike, tracking_uri: str | None = None) -> Path:
-    """Download a trial's synthetic set into `out_dir`, verified; returns `out_dir`.
-
-    The files land in a staging folder first and only move into `out_dir` once
-    `SyntheticSet.load` (which checks the tensors' sha256 against the manifest and never
-    unpickles) accepted them.
-    """
-    import mlflow.artifacts
-
-    from mim4dd.synset import SyntheticSet
-
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pull-") as staging:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=SYNSET_PATH, dst_path=staging, tracking_uri=uri
-        )
-        SyntheticSet.load(local)
-        out.mkdir(exist_ok=True)
-        for item in Path(local).iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-    SyntheticSet.load(out)
-    return out
-
-
 __all__ = [
     "HOME_ENV",
     "SYNSET_PATH",
@@ -349,7 +316,6 @@ __all__ = [
     "home",
     "log_expert_buffer",
     "open_sweep_run",
-    "pull",
     "resolve_tracking_uri",
     "set_tags",
     "trial_values",

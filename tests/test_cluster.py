@@ -25,7 +25,7 @@ from processes import HAS_PROC  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import tracking, tune_run  # noqa: E402
+from orchestrator import queries, tracking, tune_run  # noqa: E402
 from sweep_helpers import mlflow_server as start_mlflow_server  # noqa: E402
 
 pytestmark = [
@@ -107,7 +107,7 @@ def test_sweep_on_two_nodes_with_tracking_server(cluster, mlflow_server, tmp_pat
     used = {r.data.tags["mim4dd.node_id"] for r in children}
     assert len(node_ids) == 2 and used == node_ids  # one trial on each node
 
-    folder = tracking.pull(children[0].info.run_id, tmp_path / "pulled", mlflow_server)
+    folder = queries.pull(children[0].info.run_id, tmp_path / "pulled", mlflow_server)
     synset = SyntheticSet.load(folder)
     assert len(synset.to_dataset()) == 10
     assert synset.manifest["config"]["seed"] == int(children[0].data.params["seed"])

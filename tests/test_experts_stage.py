@@ -21,7 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from mim4dd.experts import MANIFEST_FILE, ExpertBuffer, ExpertBufferError  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import experts, service, tracking  # noqa: E402
+from orchestrator import experts, queries, service, tracking  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 
@@ -69,7 +69,7 @@ def test_sweeps_share_one_buffer_trained_once(ray_cluster, home, tmp_path):
     assert parent.data.tags[tracking.TAG_BUFFERS] == digest
     for run in tracking.child_runs(client, parent):  # the end to end mtt trials
         assert run.info.status == "FINISHED"
-        synset = SyntheticSet.load(tracking.pull(run.info.run_id, tmp_path / run.info.run_id))
+        synset = SyntheticSet.load(queries.pull(run.info.run_id, tmp_path / run.info.run_id))
         assert synset.lr is not None and float(synset.lr) > 0  # the learned step size
 
     # another sweep with the same expert key: nothing is retrained, nothing logged again

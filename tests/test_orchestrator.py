@@ -105,7 +105,7 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
 
     # pull by run id (API) and by grid values (CLI); both verified and loadable
     target = next(r for r in children if r.data.tags[tracking.TAG_KEY] == "lam=0.8,seed=1")
-    folder = tracking.pull(target.info.run_id, tmp_path / "pulled")
+    folder = queries.pull(target.info.run_id, tmp_path / "pulled")
     dataset = SyntheticSet.load(folder).to_dataset()
     assert len(dataset) == 10 and dataset[0][0].shape == (1, 8, 8)
     result = CliRunner().invoke(app, ["pull", "grid", "--lam", "0.8", "--seed", "1",
@@ -239,7 +239,7 @@ def test_kill_and_relaunch_resumes_from_checkpoints(home, tmp_path):
     steps = [m.step for m in client.get_metric_history(by_key["iterations=600"].info.run_id,
                                                        "loss")]
     assert sorted(steps) == list(range(1, 601))  # every step once, none lost or doubled
-    assert SyntheticSet.load(tracking.pull(by_key["iterations=600"].info.run_id,
+    assert SyntheticSet.load(queries.pull(by_key["iterations=600"].info.run_id,
                                            tmp_path / "set")).manifest["iterations_done"] == 600
 
 
@@ -357,11 +357,14 @@ def test_sigterm_stops_like_ctrl_c(home, tmp_path):
     assert [r.info.status for r in children] == ["KILLED"]  # nothing left RUNNING
 
     # A Tune folder this version cannot restore (an older mim4dd's, say) does not block it.
+    # (When the stop cut the newest checkpoint short, the folder is set aside before any
+    # restore is tried; either way the trial goes on in its run.)
     (home / "ray_results" / "term" / "tuner.pkl").write_bytes(b"not a pickle")
     again = subprocess.run(cli("launch", str(tmp_path / "term.yaml")), cwd=ROOT,
                            env=cli_env(home), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "cannot restore the Tune experiment" in again.stderr
+    assert ("cannot restore the Tune experiment" in again.stderr
+            or "its trial starts afresh in the same run" in again.stderr), again.stderr
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "term")
     assert [r.info.status for r in children] == ["FINISHED"]  # the same run, finished
 
