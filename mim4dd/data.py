@@ -124,6 +124,14 @@ class RealData:
         index = self.by_class.sample(n, generator)
         return self.train.images[index], self.train.labels[index]
 
+    def ipc_problem(self, ipc: int) -> str | None:
+        """Why `ipc` real training images per class cannot start a set; None when they can."""
+        smallest = int(self.by_class.counts.min())
+        if smallest >= ipc:
+            return None
+        return (f"ipc={ipc} needs at least that many training images per class; the smallest "
+                f"class of {self.info.name} has {smallest} (use init: noise)")
+
     def denormalise(self, images: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.info.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.info.std, device=images.device).view(1, -1, 1, 1)
@@ -194,6 +202,18 @@ def load_dataset(
 def load_for(config) -> RealData:
     """The data a `Config` names (duck-typed: the config module imports this one)."""
     return load_dataset(config.dataset, config.data_root, config.val_fraction, config.split_seed)
+
+
+def load_once(config, loaded: dict, download: bool = True) -> RealData | Exception:
+    """The config's data from `loaded`, where each distinct dataset and split is loaded once
+    (a stage checking many trials); the exception, not raised, when it cannot be loaded."""
+    what = (config.dataset, config.data_root, config.val_fraction, config.split_seed)
+    if what not in loaded:
+        try:
+            loaded[what] = load_dataset(*what, download=download)
+        except Exception as exc:  # DatasetError, or a broken download: the caller reports it
+            loaded[what] = exc
+    return loaded[what]
 
 
 def _normalise(split: Split, info: DatasetInfo) -> Split:

@@ -80,12 +80,8 @@ class Distiller:
         if self.config.init == "noise":
             shape = (len(self.syn_labels), *self.data.image_shape)
             return torch.randn(shape, generator=generator)
-        smallest = int(self.data.by_class.counts.min())
-        if smallest < self.config.ipc:
-            raise ValueError(
-                f"ipc={self.config.ipc} needs at least that many training images per class; "
-                f"the smallest class has {smallest} (use init: noise)"
-            )
+        if problem := self.data.ipc_problem(self.config.ipc):
+            raise ValueError(problem)
         images, _ = self.data.sample_per_class(self.config.ipc, generator)
         return images.clone()
 

@@ -38,7 +38,7 @@ from rich.console import Console
 
 from mim4dd.bases import base_class
 from mim4dd.config import Config
-from mim4dd.data import RealData, load_dataset, load_for
+from mim4dd.data import RealData, load_for, load_once
 from mim4dd.experts import (
     MANIFEST_FILE, ExpertBuffer, ExpertBufferError, expert_dir, expert_key, key_digest,
     missing_experts, train_expert, write_manifest,
@@ -87,7 +87,7 @@ def check_buffers(trials: list[tuple[str, dict[str, Any]]], download: bool = Tru
     buffers: dict[str, Buffer] = {}
     for key, values in trials:
         config = Config.model_validate(values)
-        data = _data(config, download, loaded)
+        data = load_once(config, loaded, download)
         if isinstance(data, Exception):
             buffer = buffers.setdefault(f"?{config.dataset}", Buffer(
                 "", "", config.num_experts, values, UNKNOWN,
@@ -105,19 +105,8 @@ def check_buffers(trials: list[tuple[str, dict[str, Any]]], download: bool = Tru
     for buffer in buffers.values():
         if buffer.state == MISSING:
             config = Config.model_validate(buffer.config)
-            _check(buffer, config, _data(config, download, loaded))
+            _check(buffer, config, load_once(config, loaded, download))
     return list(buffers.values())
-
-
-def _data(config: Config, download: bool, loaded: dict) -> RealData | Exception:
-    """The config's data, loaded once per stage; the exception when it cannot be loaded."""
-    what = (config.dataset, config.data_root, config.val_fraction, config.split_seed)
-    if what not in loaded:
-        try:
-            loaded[what] = load_dataset(*what, download=download)
-        except Exception as exc:  # DatasetError, or a broken download: reported, not raised
-            loaded[what] = exc
-    return loaded[what]
 
 
 def _check(buffer: Buffer, config: Config, data: RealData) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mim4dd.data import load_dataset
+from mim4dd.data import load_once
 from orchestrator.expand import Trial
 from orchestrator.spec import Resources
 
@@ -23,22 +23,11 @@ def check_data(trials: list[Trial]) -> None:
     problems: list[str] = []
     loaded: dict[tuple, Any] = {}
     for trial in trials:
-        config = trial.config
-        what = (config.dataset, config.data_root, config.val_fraction, config.split_seed)
-        if what not in loaded:
-            try:
-                loaded[what] = load_dataset(*what)
-            except Exception as exc:  # DatasetError, or a broken download
-                loaded[what] = exc
-                problems.append(f"dataset {config.dataset}: {exc}")
-        data = loaded[what]
-        if isinstance(data, Exception) or config.init != "real":
-            continue
-        smallest = int(data.by_class.counts.min())
-        if config.ipc > smallest:
-            problems.append(f"trial {trial.key}: ipc {config.ipc} needs that many training images "
-                            f"per class; the smallest class of {config.dataset} has {smallest} "
-                            "(lower ipc, or init: noise)")
+        data = load_once(trial.config, loaded)
+        if isinstance(data, Exception):
+            problems.append(f"dataset {trial.config.dataset}: {data}")
+        elif trial.config.init == "real" and (why := data.ipc_problem(trial.config.ipc)):
+            problems.append(f"trial {trial.key}: {why}")
     if problems:
         raise PreflightError("\n".join(dict.fromkeys(problems)))
 

@@ -44,7 +44,7 @@ def refused(tmp_path, home, match: str, engine=None, **fields) -> None:
 def test_missing_data_and_an_unfillable_ipc(tmp_path, bare_home):
     refused(tmp_path, bare_home, "dataset ImageFolder: ",
             engine={"dataset": "ImageFolder", "data_root": str(tmp_path / "no-such-folder")})
-    refused(tmp_path, bare_home, r"ipc 500 needs that many .* smallest class of digits has",
+    refused(tmp_path, bare_home, r"ipc=500 needs at least that many .* smallest class of digits has",
             engine={"ipc": 500})
 
 
