@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,14 +13,11 @@ def stage(directory: Path, name: str, write: Callable[[Path], None]) -> Path:
 
     The caller renames it into place (`os.replace`), possibly after staging its siblings.
     """
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_unique(directory, name)
+    mode = tmp.stat().st_mode & 0o777  # what the kernel gave a new file of this user
     try:
         write(tmp)
-        # mkstemp makes the file private (0600); the finished file is as readable as any the
-        # user creates (their umask), so colleagues on a shared volume can read sets and buffers.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)  # some writers (safetensors) make the file anew, private
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
     except BaseException:
@@ -29,10 +26,17 @@ def stage(directory: Path, name: str, write: Callable[[Path], None]) -> Path:
     return tmp
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
+def _create_unique(directory: Path, name: str) -> Path:
+    """A new empty file with a fresh name. Created like any file the user makes (0666 less
+    their umask, applied by the kernel), not mkstemp's private 0600, so colleagues on a shared
+    volume can read the sets and buffers it becomes."""
+    while True:
+        tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # another writer's name: draw again
+            continue
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
