@@ -22,7 +22,7 @@ from mim4dd.experiment import (
     run_experiment,
 )
 from mim4dd.objectives import DivergenceError
-from mim4dd.settings import set_dotted, validation_problems
+from mim4dd.settings import get_dotted, set_dotted, validation_problems
 from mim4dd.synset import SyntheticSet, SyntheticSetError
 
 app = typer.Typer(help="MIM4DD dataset distillation engine.", no_args_is_help=True,
@@ -49,11 +49,12 @@ def main(version: VersionOption = False) -> None:
     """MIM4DD dataset distillation engine."""
 
 
+_DEFAULTS = Config().model_dump(mode="json")  # built once, for --help
+
+
 def _default(path: str) -> str:
     """The engine's default for a dotted Config field, shown in --help."""
-    from mim4dd.settings import get_dotted
-
-    return str(get_dotted(Config().model_dump(mode="json"), path))
+    return str(get_dotted(_DEFAULTS, path))
 
 
 def _fail(message: str) -> typer.Exit:

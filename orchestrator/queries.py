@@ -32,10 +32,7 @@ TRIALS_ARTIFACT = "trials.json"  # on the parent run: {trial key: config digest}
 
 def record_trials(client: Any, parent_run_id: str, trials: list[Trial]) -> None:
     """Remember on the parent run which config each trial key now stands for."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / TRIALS_ARTIFACT
-        path.write_text(json.dumps({t.key: t.digest for t in trials}, indent=2) + "\n")
-        client.log_artifact(parent_run_id, str(path))
+    client.log_dict(parent_run_id, {t.key: t.digest for t in trials}, TRIALS_ARTIFACT)
 
 
 def current_digests(client: Any, parent: Any) -> dict[str, str] | None:
@@ -56,13 +53,14 @@ def current_digests(client: Any, parent: Any) -> dict[str, str] | None:
 
 
 def summarize(
-    client: Any, parent: Any, digests: Mapping[str, str] | None
+    runs: Iterable[Run], digests: Mapping[str, str] | None
 ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(trial frame, per-cell summary) of the finished runs of the current configs."""
-    runs = tracking.runs_by_key(tracking.child_runs(client, parent), digests, "FINISHED")
-    if not runs:
+    """(trial frame, per-cell summary) of a sweep's finished trial runs of the current
+    configs."""
+    finished = tracking.runs_by_key(runs, digests, "FINISHED")
+    if not finished:
         return None
-    frame, axes = aggregate.trial_frame(runs.values())
+    frame, axes = aggregate.trial_frame(finished.values())
     return frame, aggregate.summarize(frame, axes)
 
 
@@ -148,7 +146,7 @@ def sweep_report(name: str, tracking_uri: str | None = None) -> SweepReport:
     client, parent = _open_sweep(name, tracking_uri)
     digests = current_digests(client, parent)
     runs = tracking.child_runs(client, parent)
-    found = summarize(client, parent, digests)
+    found = summarize(runs, digests)
     summary = found[1] if found else aggregate.summarize(*aggregate.trial_frame([]))
     current = set(tracking.runs_by_key(runs, digests, "FINISHED"))
     older = set(tracking.latest_per_key(runs, "FINISHED")) - current

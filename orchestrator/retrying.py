@@ -31,7 +31,7 @@ UNKNOWN_OUTCOME = ("Read timed out", "timed out", "RemoteDisconnected", "Connect
                    "Connection reset", "TEMPORARILY_UNAVAILABLE", "503", "502", "504")
 REPEATABLE = frozenset({
     "log_batch", "log_metric", "log_param", "set_tag", "delete_tag", "set_terminated",
-    "update_run", "log_artifact", "log_artifacts", "log_text", "get_run", "search_runs",
+    "update_run", "log_artifact", "log_artifacts", "log_text", "log_dict", "get_run", "search_runs",
     "search_experiments", "get_experiment", "get_experiment_by_name", "get_metric_history",
     "list_artifacts", "download_artifacts", "restore_experiment",
 })

@@ -20,7 +20,6 @@ The CLI (`orchestrator.cli`) only parses arguments and prints what these functio
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -143,10 +142,7 @@ def _launch(
 
 
 def _log_spec(client: Any, run_id: str, spec: SweepSpec) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "spec.json"
-        path.write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
-        client.log_artifact(run_id, str(path))
+    client.log_dict(run_id, spec.model_dump(mode="json"), "spec.json")
 
 
 def prepare_experts(spec: SweepSpec, console: Console | None = None) -> list[experts.Buffer]:
@@ -204,7 +200,7 @@ def _account(
 
 def _aggregate(client: Any, parent: Any, digests: dict[str, str]) -> pd.DataFrame | None:
     """The summary of the finished trials, also written and logged as the parent's report."""
-    found = queries.summarize(client, parent, digests)
+    found = queries.summarize(tracking.child_runs(client, parent), digests)
     if found is None:
         return None
     frame, summary = found
