@@ -3,6 +3,10 @@
 Every dataset is held in memory as normalised float tensors (the largest, CIFAR-100, is
 600 MB), because distillation samples a few hundred images per class every iteration and a
 DataLoader would spend more time than the model.
+
+With ZCA whitening (`zca=True`, MTT's preprocessing) every split is returned whitened instead,
+by one transform fitted on the train split's pixels only, so everything downstream (distillation,
+evaluation, experts) runs in that space; `RealData.zca` holds the transform.
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mim4dd.atomic import write_atomic
+from mim4dd.zca import ZCA
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 OFFLINE_ENV = "MIM4DD_OFFLINE"
@@ -88,7 +93,7 @@ def canonical_dataset_name(name: str) -> str:
 
 @dataclass
 class Split:
-    images: torch.Tensor  # N x C x H x W, normalised float32
+    images: torch.Tensor  # N x C x H x W float32, normalised (ZCA-whitened when data.zca is set)
     labels: torch.Tensor  # N, int64
 
     def __len__(self) -> int:
@@ -103,6 +108,7 @@ class RealData:
     test: Split
     class_names: list[str]
     root: Path | None = None
+    zca: ZCA | None = field(default=None, repr=False)  # set when the splits are whitened
     _class_index: ClassIndex | None = field(default=None, repr=False)
 
     @property
@@ -133,6 +139,9 @@ class RealData:
                 f"class of {self.info.name} has {smallest} (use init: noise)")
 
     def denormalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images of this data's space back to pixels (roughly [0, 1]): un-whitened under ZCA."""
+        if self.zca is not None:
+            return self.zca.unwhiten(images)
         mean = torch.tensor(self.info.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.info.std, device=images.device).view(1, -1, 1, 1)
         return images * std + mean
@@ -176,10 +185,12 @@ def load_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
     download: bool = True,
+    zca: bool = False,
 ) -> RealData:
-    """Load train/val/test tensors. The validation split is held out of train with `seed`.
-    Nothing is downloaded when `download` is False or $MIM4DD_OFFLINE is set (air-gapped
-    machines: a missing dataset is then an error naming how to get it)."""
+    """Load train/val/test tensors. The validation split is held out of train with `seed`;
+    with `zca`, every split is whitened (`whitened`). Nothing is downloaded when `download`
+    is False or $MIM4DD_OFFLINE is set (air-gapped machines: a missing dataset is then an
+    error naming how to get it)."""
     download = download and not os.environ.get(OFFLINE_ENV)
     info = DATASETS[canonical_dataset_name(name)]
     roots = candidate_roots(data_root)
@@ -196,24 +207,44 @@ def load_dataset(
         train = _normalise(train, info)
         test = _normalise(test, info)
     train, val = _hold_out(train, info.num_classes, val_fraction, seed)
-    return RealData(info, train, val, test, class_names, root)
+    data = RealData(info, train, val, test, class_names, root)
+    return whitened(data) if zca else data
+
+
+def whitened(data: RealData, transform: ZCA | None = None) -> RealData:
+    """`data` with every split ZCA-whitened by one transform fitted on the train split alone
+    (validation and test never shape it), or by `transform` (a saved set's, to evaluate it in
+    exactly its own space). As in MTT, the fit and the whitening see pixels in [0, 1], not
+    mean/std-normalised values: eps = 0.1 is calibrated for that scale."""
+    if data.zca is not None:
+        raise ValueError("data is whitened already")
+    if transform is None:
+        transform = ZCA.fit(data.denormalise(data.train.images))
+
+    def whiten(split: Split) -> Split:
+        return Split(transform.whiten(data.denormalise(split.images)), split.labels)
+
+    return replace(data, train=whiten(data.train), val=whiten(data.val), test=whiten(data.test),
+                   zca=transform, _class_index=None)
 
 
 def load_for(config) -> RealData:
     """The data a `Config` names (duck-typed: the config module imports this one)."""
-    return load_dataset(config.dataset, config.data_root, config.val_fraction, config.split_seed)
+    return load_dataset(config.dataset, config.data_root, config.val_fraction, config.split_seed,
+                        zca=config.zca)
 
 
 def load_once(config, loaded: dict, download: bool = True) -> RealData | Exception:
-    """The config's data from `loaded`, where each distinct dataset and split is loaded once
-    (a stage checking many trials); the exception, not raised, when it cannot be loaded."""
+    """The config's data from `loaded`, where each distinct dataset, split and space is loaded
+    once (a stage checking many trials); the exception, not raised, when it cannot be loaded."""
     what = (config.dataset, config.data_root, config.val_fraction, config.split_seed)
-    if what not in loaded:
+    key = (*what, config.zca)
+    if key not in loaded:
         try:
-            loaded[what] = load_dataset(*what, download=download)
+            loaded[key] = load_dataset(*what, download=download, zca=config.zca)
         except Exception as exc:  # DatasetError, or a broken download: the caller reports it
-            loaded[what] = exc
-    return loaded[what]
+            loaded[key] = exc
+    return loaded[key]
 
 
 def _normalise(split: Split, info: DatasetInfo) -> Split:

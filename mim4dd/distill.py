@@ -7,6 +7,7 @@ bit-for-bit on CPU without saving any RNG state.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from mim4dd.atomic import write_atomic
 from mim4dd.config import Config
 from mim4dd.data import RealData, load_for
 from mim4dd.device import resolve_device
+from mim4dd.memory import keep_freed_memory
 from mim4dd.objectives.base import DivergenceError, StepBatch
 from mim4dd.objectives.mim import MIMTerm
 from mim4dd.bases import base_class
@@ -50,7 +52,11 @@ class Distiller:
     def __init__(self, config: Config, data: RealData | None = None):
         self.config = config
         self.device = resolve_device(config.device)
+        keep_freed_memory()
         self.data = data or load_for(config)
+        if config.zca != (self.data.zca is not None):
+            raise ValueError(f"config zca={config.zca} but the data given is "
+                             f"{'' if self.data.zca is not None else 'not '}ZCA-whitened")
         info = self.data.info
         self.objective = base_class(config.base)(config, self.data, self.device)
         self.train_images = self.data.train.images.to(self.device)
@@ -95,23 +101,23 @@ class Distiller:
             generator, seed, iteration,
         )
 
-    def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = L_base + lambda * L_MIM for one batch, with its parts for logging."""
+    def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L = L_base + lambda * L_MIM for one batch, with its parts (detached) for logging."""
         config = self.config
         use_mim = config.lam > 0  # lambda = 0 never touches the heads: exactly the base method
         out = self.objective.match(batch, with_features=use_mim)
         loss = out.base_loss
-        metrics = {"loss_base": out.base_loss.item()}
+        parts = {"loss_base": out.base_loss}
         if use_mim:
             mim_loss, per_block = self.mim(
                 out.syn_features, out.real_features, batch.syn_labels, batch.real_labels
             )
             loss = loss + config.lam * mim_loss
-            metrics["loss_mim"] = mim_loss.item()
+            parts["loss_mim"] = mim_loss
             for k, block_loss in zip(config.blocks, per_block, strict=True):
-                metrics[f"loss_mim_block{k + 1}"] = block_loss.item()
-        metrics["loss"] = loss.item()
-        return loss, metrics
+                parts[f"loss_mim_block{k + 1}"] = block_loss
+        parts["loss"] = loss
+        return loss, {name: part.detach() for name, part in parts.items()}
 
     def _trained_tensors(self) -> list[torch.Tensor]:
         """The leaves the total loss trains; anything else in the graph (a network's weights,
@@ -123,20 +129,21 @@ class Distiller:
         """One optimisation step over the synthetic images, the MIM heads and the objective's
         own parameters; then the objective's own update (`after_backward`)."""
         batch = self.batch(self.iteration)
-        loss, metrics = self.loss(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {metrics['loss']} at iteration {self.iteration} (base "
-                f"{metrics['loss_base']}, mim {metrics.get('loss_mim', 0.0)}); stopping before "
-                "the synthetic set is corrupted. Lower lr_img or lam."
-            )
+        loss, parts = self.loss(batch)
         self.image_optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
         trained = self._trained_tensors()
         for tensor in self.objective.parameters():
             tensor.grad = None
         loss.backward(inputs=trained)
-        if not all(torch.isfinite(t.grad).all() for t in trained if t.grad is not None):
+        metrics, grads_finite = self._read_back(parts, trained)
+        if not math.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(
+                f"loss became {metrics['loss']} at iteration {self.iteration} (base "
+                f"{metrics['loss_base']}, mim {metrics.get('loss_mim', 0.0)}); stopping before "
+                "the synthetic set is corrupted. Lower lr_img or lam."
+            )
+        if not grads_finite:
             raise NonFiniteLossError(
                 f"a gradient became NaN or infinite at iteration {self.iteration} (loss "
                 f"{metrics['loss']}); stopping before the synthetic set is corrupted."
@@ -152,6 +159,17 @@ class Distiller:
         self.schedule.step()
         self.iteration += 1
         return metrics
+
+    @staticmethod
+    def _read_back(
+        parts: dict[str, torch.Tensor], trained: list[torch.Tensor]
+    ) -> tuple[dict[str, float], bool]:
+        """The loss parts as floats and whether every gradient is finite, in one host sync
+        (on a GPU each `.item()` would wait for the device separately)."""
+        finite = torch.stack([torch.isfinite(t.grad).all() for t in trained if t.grad is not None])
+        values = torch.cat([torch.stack(list(parts.values())).float(), finite.all().float()[None]])
+        *numbers, all_finite = values.tolist()
+        return dict(zip(parts, numbers, strict=True)), all_finite == 1.0
 
     def run(
         self, callback: DistillCallback | None = None, checkpoint_every: int = 0
@@ -177,6 +195,7 @@ class Distiller:
             eval_protocol=self.config.eval.model_dump(mode="json"),
             lr=self.objective.learned_lr(),  # a learned step size travels with the set
             extra={"iterations_done": self.iteration},
+            zca=self.data.zca,  # a whitened set carries its transform
         )
 
     def state_dict(self) -> dict:

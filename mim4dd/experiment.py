@@ -16,7 +16,7 @@ from typing import Any
 
 from mim4dd.atomic import write_atomic
 from mim4dd.config import Config, EvalConfig
-from mim4dd.data import RealData, load_for
+from mim4dd.data import RealData, load_for, whitened
 from mim4dd.device import resolve_device
 from mim4dd.distill import DistillCallback, Distiller, read_state
 from mim4dd.evaluate import EvalResult, Evaluator
@@ -78,8 +78,15 @@ def evaluator_for(config: Config, data: RealData) -> Evaluator:
 
 
 def evaluate_synset(synset: SyntheticSet, config: Config, data: RealData | None = None) -> EvalResult:
-    """Evaluate a set under `config.eval`, using its learned lr when it carries one."""
-    data = data or load_data(config)
+    """Evaluate a set under `config.eval`, using its learned lr when it carries one. A ZCA set
+    is evaluated in exactly its own space: the real splits are whitened by its stored
+    transform, not by a refit."""
+    if data is None:
+        data = load_data(config.model_copy(update={"zca": False}))
+        data = whitened(data, synset.zca) if synset.zca is not None else data
+    if (synset.zca is None) != (data.zca is None):
+        raise ValueError("the set and the data are not in the same space: one is ZCA-whitened "
+                         "and the other is not")
     return evaluator_for(config, data).evaluate(synset.images, synset.labels, synset.lr)
 
 

@@ -8,11 +8,11 @@ its flat parameters are saved at initialisation and after every epoch. A buffer 
 * ``manifest.json`` - the key, its digest, the count, the shapes, the parameter layout and the
   size and sha256 of every file; written last, once every expert exists.
 
-The key holds everything an expert depends on (dataset and split, model, augmentation, epochs,
-optimiser), so a buffer is reused by any run with the same key and refused by any other. A
-missing manifest, a missing or truncated file or a checksum mismatch raises `ExpertBufferError`;
-nothing is ever unpickled. Distillation reads two rows of one file per step, so no more than
-one trajectory's pages are ever touched at a time.
+The key holds everything an expert depends on (dataset and split, ZCA whitening, model,
+augmentation, epochs, optimiser), so a buffer is reused by any run with the same key and
+refused by any other. A missing manifest, a missing or truncated file or a checksum mismatch
+raises `ExpertBufferError`; nothing is ever unpickled. Distillation reads two rows of one file
+per step, so no more than one trajectory's pages are ever touched at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from mim4dd.config import Config
 from mim4dd.data import RealData, candidate_roots, load_for
 from mim4dd.atomic import write_atomic
 from mim4dd.device import resolve_device
+from mim4dd.memory import keep_freed_memory
 from mim4dd.flat import FlatParams
 from mim4dd.models import build_model
 
@@ -50,8 +51,16 @@ class ExpertBufferError(ValueError):
 
 
 def expert_key(config: Config, data: RealData) -> dict:
-    """Everything an expert trajectory depends on; runs that agree on it share a buffer."""
+    """Everything an expert trajectory depends on; runs that agree on it share a buffer.
+    `data` must be in the config's space (whitened when config.zca), as `load_for` returns it:
+    the key records the space experts are actually trained in, so it cannot lie."""
     info = data.info
+    if config.zca != (data.zca is not None):
+        raise ExpertBufferError(
+            f"config.zca is {config.zca} but the data given is "
+            f"{'whitened' if data.zca is not None else 'not whitened'}; load it with "
+            "mim4dd.data.load_for(config)"
+        )
     return {
         "format_version": FORMAT_VERSION,
         "dataset": info.name,
@@ -62,7 +71,8 @@ def expert_key(config: Config, data: RealData) -> dict:
                   "train_size": len(data.train)},
         "model": config.model.model_dump(mode="json"),
         "dsa_strategy": DSA(config.dsa_strategy, drop_flip=info.is_digits).strategy,
-        "zca": config.zca,
+        # False, or the whitening's settings (fitted on this train split, so the split fixes it).
+        "zca": data.zca is not None and {"eps": data.zca.eps, "input": "pixels"},
         "epochs": config.expert_train_epochs,
         "optimizer": {"lr": config.expert_lr, "batch": config.expert_batch, "momentum": 0.0,
                       "weight_decay": 0.0},
@@ -119,7 +129,9 @@ def train_expert(
     """
 
     data = data or load_for(config)
+    digest = key_digest(expert_key(config, data))  # first: refuses data in the wrong space
     device = resolve_device(config.device)
+    keep_freed_memory()
     info = data.info
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +159,7 @@ def train_expert(
     trajectory = torch.stack(snapshots).to(torch.float32).contiguous()
     if not torch.isfinite(trajectory).all():
         raise ExpertBufferError(f"expert {index} diverged (non-finite weights); lower expert_lr")
-    metadata = {"digest": key_digest(expert_key(config, data)), "index": str(index)}
+    metadata = {"digest": digest, "index": str(index)}
     path = out_dir / expert_file(index)
     write_atomic(path, lambda p: safetensors.torch.save_file({TENSOR: trajectory}, p, metadata))
     return path

@@ -3,11 +3,13 @@
 A saved set is a directory holding
 
 * ``synset.safetensors`` - ``images`` (N x C x H x W float32, normalised with the dataset's
-  mean/std), ``labels`` (N int64) and, for trajectory matching, a learned scalar ``lr``;
+  mean/std, or ZCA-whitened), ``labels`` (N int64), for trajectory matching a learned scalar
+  ``lr``, and for a ZCA set its whitening transform (``zca_mean``, ``zca_basis``,
+  ``zca_scale``: see mim4dd/zca.py), so the one checksum guards images and transform alike;
 * ``manifest.json`` - everything needed to use and reproduce the set (dataset, class names,
-  normalisation, full config, evaluation protocol, library versions) plus the SHA-256 and the
-  shapes/dtypes of the tensors file;
-* ``grid.png`` - the de-normalised images, one row per class, for a quick look.
+  normalisation, ZCA settings, full config, evaluation protocol, library versions) plus the
+  SHA-256 and the shapes/dtypes of the tensors file;
+* ``grid.png`` - the images back in pixels (de-normalised or un-whitened), one row per class.
 
 Loading never unpickles anything: tensors come from safetensors, and only after the file's
 checksum matched the manifest, so a tampered or truncated file is rejected before parsing.
@@ -19,8 +21,8 @@ import hashlib
 import json
 import math
 import os
-import stat
 import platform
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -34,6 +36,8 @@ from safetensors import SafetensorError
 from torch.utils.data import TensorDataset
 
 from mim4dd.atomic import stage
+from mim4dd.zca import TENSOR_NAMES as ZCA_TENSORS
+from mim4dd.zca import ZCA
 
 FORMAT_VERSION = 1
 
@@ -47,7 +51,8 @@ GRID_PADDING = 2
 # Cells smaller than this are upscaled (nearest) so tiny images stay visible in the PNG.
 GRID_MIN_CELL = 32
 
-_DTYPES = {"images": torch.float32, "labels": torch.int64, "lr": torch.float32}
+_DTYPES = {"images": torch.float32, "labels": torch.int64, "lr": torch.float32,
+           **dict.fromkeys(ZCA_TENSORS, torch.float32)}
 # Facts about one saved file, not about the set; dropped on load so a loaded manifest
 # equals the one that was saved.
 _FILE_KEYS = ("sha256", "tensors")
@@ -148,6 +153,11 @@ def _check_manifest(manifest: Any, where: str) -> None:
         if not (isinstance(values, list) and len(values) == shape[0]
                 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
             raise SyntheticSetError(f"{where}: normalisation.{key} needs {shape[0]} numbers")
+    zca = manifest.get("zca")  # absent in sets saved before ZCA existed: not whitened
+    if zca is not None:
+        eps = zca.get("eps") if isinstance(zca, dict) else None
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise SyntheticSetError(f"{where}: zca must be null or hold a positive eps")
 
 
 def _read_file(path: Path, limit: int) -> bytes:
@@ -187,6 +197,7 @@ class SyntheticSet:
     labels: torch.Tensor
     manifest: dict
     lr: torch.Tensor | None = None
+    zca: ZCA | None = None  # the whitening of the set's space, for a ZCA set
 
     @classmethod
     def create(
@@ -202,8 +213,10 @@ class SyntheticSet:
         eval_protocol: dict,
         lr: torch.Tensor | float | None = None,
         extra: dict | None = None,
+        zca: ZCA | None = None,
     ) -> SyntheticSet:
-        """Package distilled tensors with the manifest that makes them reusable."""
+        """Package distilled tensors with the manifest that makes them reusable. A set
+        distilled in ZCA space (config zca: true) must carry the transform (`RealData.zca`)."""
         # Copies, so a distillation that keeps optimising its tensors cannot change the set.
         images = images.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
         if labels.is_floating_point() or labels.is_complex():
@@ -223,6 +236,14 @@ class SyntheticSet:
         ipc = len(images) // num_classes
         for value, what in ((config, "config"), (eval_protocol, "eval_protocol")):
             _check_json(value, what)
+        if "zca" in config and bool(config["zca"]) != (zca is not None):
+            raise SyntheticSetError(
+                f"config zca is {config['zca']} but the set was given "
+                f"{'a' if zca is not None else 'no'} ZCA transform (pass zca=data.zca)"
+            )
+        if zca is not None and zca.dim != images[0].numel():
+            raise SyntheticSetError(f"the ZCA transform is for {zca.dim} values per image, "
+                                    f"the images have {images[0].numel()}")
         manifest = {
             "format_version": FORMAT_VERSION,
             "dataset": dataset,
@@ -231,6 +252,8 @@ class SyntheticSet:
             "ipc": ipc,
             "image_shape": list(images.shape[1:]),
             "normalisation": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
+            # The images' space when whitened: normalise()/denormalised() convert pixels.
+            "zca": None if zca is None else {**zca.describe(), "input": "pixels in [0, 1]"},
             "config": config,
             "eval_protocol": eval_protocol,
             "versions": {
@@ -249,7 +272,7 @@ class SyntheticSet:
             manifest.update(extra)
         lr = _as_lr(lr)
         _check_tensors(images, labels, lr, manifest, "synthetic set")
-        return cls(images=images, labels=labels, manifest=manifest, lr=lr)
+        return cls(images=images, labels=labels, manifest=manifest, lr=lr, zca=zca)
 
     # --- properties -----------------------------------------------------------------------
 
@@ -268,15 +291,31 @@ class SyntheticSet:
     # --- use ------------------------------------------------------------------------------
 
     def denormalised(self) -> torch.Tensor:
-        """Images back in pixel space (roughly [0, 1]; not clamped)."""
-        norm = self.manifest["normalisation"]
-        kw = {"device": self.images.device, "dtype": self.images.dtype}
-        mean = torch.tensor(norm["mean"], **kw).view(1, -1, 1, 1)
-        std = torch.tensor(norm["std"], **kw).view(1, -1, 1, 1)
+        """Images back in pixel space (roughly [0, 1]; not clamped): un-whitened for a ZCA set."""
+        if self.zca is not None:
+            return self.zca.unwhiten(self.images)
+        mean, std = self._mean_std()
         return self.images * std + mean
 
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Real images (pixels in [0, 1], N x C x H x W, as ToTensor gives them) into this set's
+        space, exactly as its training data was: whitened by the stored transform for a ZCA set,
+        mean/std-normalised otherwise. The inverse of `denormalised`."""
+        if self.zca is not None:
+            return self.zca.whiten(pixels)
+        mean, std = self._mean_std(pixels)
+        return (pixels - mean) / std
+
+    def _mean_std(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        like = self.images if like is None else like
+        norm = self.manifest["normalisation"]
+        kw = {"device": like.device, "dtype": like.dtype}
+        mean = torch.tensor(norm["mean"], **kw).view(1, -1, 1, 1)
+        return mean, torch.tensor(norm["std"], **kw).view(1, -1, 1, 1)
+
     def to_dataset(self) -> TensorDataset:
-        """(image, label) pairs, normalised like the real data, ready for a DataLoader."""
+        """(image, label) pairs in the set's space (normalised, or whitened for a ZCA set), as
+        the real data it was distilled from, ready for a DataLoader."""
         return TensorDataset(self.images.detach(), self.labels.detach())
 
     # --- persistence ----------------------------------------------------------------------
@@ -295,6 +334,8 @@ class SyntheticSet:
         }
         if self.lr is not None:
             tensors["lr"] = _as_lr(self.lr)
+        if self.zca is not None:
+            tensors.update(self.zca.tensors())
         _check_tensors(
             tensors["images"], tensors["labels"], tensors.get("lr"), self.manifest,
             "synthetic set",
@@ -381,7 +422,7 @@ class SyntheticSet:
         if set(tensors) != set(declared) or not {"images", "labels"} <= set(tensors):
             raise SyntheticSetError(
                 f"{tensors_path}: holds tensors {sorted(tensors)}, {MANIFEST_FILE} lists "
-                f"{sorted(declared)} (need images, labels and optionally lr)"
+                f"{sorted(declared)} (need images, labels and optionally lr and the zca_* ones)"
             )
         for name, tensor in tensors.items():
             if name not in _DTYPES:
@@ -399,6 +440,7 @@ class SyntheticSet:
         _check_tensors(
             tensors["images"], tensors["labels"], tensors.get("lr"), manifest, str(tensors_path)
         )
+        zca = _stored_zca(tensors, manifest, str(tensors_path))
 
         for key in _FILE_KEYS:
             manifest.pop(key)
@@ -408,7 +450,30 @@ class SyntheticSet:
             labels=tensors["labels"].to(device),
             manifest=manifest,
             lr=None if lr is None else lr.to(device),
+            zca=zca,
         )
+
+
+def _stored_zca(tensors: dict[str, torch.Tensor], manifest: dict, where: str) -> ZCA | None:
+    """The transform a loaded set carries; a ZCA set without it (or one half stored) is refused,
+    as its images would be read in the wrong space."""
+    stored = [name for name in ZCA_TENSORS if name in tensors]
+    whitened = manifest.get("zca") is not None
+    if not stored and not whitened:
+        return None
+    if len(stored) != len(ZCA_TENSORS) or not whitened:
+        raise SyntheticSetError(
+            f"{where}: {MANIFEST_FILE} says zca={manifest.get('zca')}, the file holds ZCA "
+            f"tensors {stored}; a ZCA set needs all of {list(ZCA_TENSORS)}, any other none"
+        )
+    try:
+        zca = ZCA.from_tensors(tensors, manifest["zca"]["eps"])
+    except ValueError as exc:
+        raise SyntheticSetError(f"{where}: {exc}") from None
+    if zca.dim != math.prod(manifest["image_shape"]):
+        raise SyntheticSetError(f"{where}: the ZCA transform is for {zca.dim} values per "
+                                f"image, image_shape is {manifest['image_shape']}")
+    return zca
 
 
 __all__ = [

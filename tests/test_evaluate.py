@@ -33,7 +33,7 @@ def test_training_learns_and_statistics_are_consistent(digits):
     config = tiny_config(model={"width": 16}, eval={"epochs": 100, "num_nets": 2, "lr": 0.05})
     result = evaluator_for(config, digits).evaluate(images, labels)
     assert result.mean > 0.3  # ten classes: chance is 0.1
-    accs = torch.tensor(result.test_accuracies)
+    accs = torch.tensor(result.test_accuracies, dtype=torch.float64)
     assert abs(result.mean - float(accs.mean())) < 1e-9
     assert abs(result.std - float(accs.std(unbiased=False))) < 1e-6
 

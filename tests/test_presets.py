@@ -11,13 +11,14 @@ from mim4dd.presets import preset_names, preset_values
 def test_every_preset_is_a_valid_config(base):
     assert preset_names(base)
     for name in preset_names(base):
-        config = Config(base=base, preset=name, zca=False)
+        config = Config(base=base, preset=name)  # as published: zca presets included
         dataset, ipc = name.split("-ipc")
         assert config.dataset.lower() == dataset and config.ipc == int(ipc)
+        assert config.zca == preset_values(base, name).get("zca", False)
 
 
 def test_preset_fills_only_unset_fields():
-    config = Config(base="mtt", preset="cifar100-ipc50", lr_img=5.0, zca=False)
+    config = Config(base="mtt", preset="cifar100-ipc50", lr_img=5.0)
     assert config.lr_img == 5.0  # set by the user
     assert (config.syn_steps, config.max_start_epoch, config.batch_syn) == (80, 40, 125)
     assert config.lr_milestones == [] and config.lr_teacher == 0.01
@@ -26,9 +27,9 @@ def test_preset_fills_only_unset_fields():
 
 
 def test_published_mtt_values():
-    assert preset_values("mtt", "cifar10-ipc10") | {"zca": None} == {
+    assert preset_values("mtt", "cifar10-ipc10") == {
         "dataset": "CIFAR10", "ipc": 10, "syn_steps": 30, "expert_epochs": 2,
-        "max_start_epoch": 20, "lr_img": 100, "lr_lr": 1e-5, "lr_teacher": 0.001, "zca": None,
+        "max_start_epoch": 20, "lr_img": 100, "lr_lr": 1e-5, "lr_teacher": 0.001, "zca": True,
         "iterations": 5000, "lr_milestones": [], "expert_train_epochs": 50, "expert_lr": 0.01,
     }
 
@@ -38,9 +39,10 @@ def test_unknown_preset_lists_the_allowed_ones():
         Config(base="mtt", preset="mnist-ipc10")
 
 
-def test_zca_is_a_clear_error():
-    with pytest.raises(ValidationError, match="ZCA whitening is not implemented.*zca: false"):
-        Config(base="mtt", preset="cifar10-ipc1")
+def test_zca_presets_whiten_as_published():
+    assert Config(base="mtt", preset="cifar10-ipc1").zca
+    assert not Config(base="mtt", preset="cifar10-ipc50").zca
+    assert not Config(base="mtt", preset="cifar10-ipc1", zca=False).zca  # the user's word wins
 
 
 def test_mtt_targets_must_lie_inside_the_trajectory():
