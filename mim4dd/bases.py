@@ -27,6 +27,7 @@ BUILTIN: dict[str, str] = {
     "dm": "mim4dd.objectives.distribution:DistributionMatching",
     "dc": "mim4dd.objectives.gradient:GradientMatching",
     "mtt": "mim4dd.objectives.trajectory:TrajectoryMatching",
+    "cafe": "mim4dd.objectives.cafe:CAFE",
 }
 
 _registry: dict[str, str | type] = dict(BUILTIN)

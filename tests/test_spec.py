@@ -84,7 +84,7 @@ INVALID = [
     ("negative lam in include", spec_with(include=[{"lam": -1}]),
      ["include[0].lam: Input should be greater than or equal to 0"]),
     ("unknown base method", spec_with(base={"base": "kip"}),
-     ["base.base: 'kip' is not allowed (allowed: 'dm', 'dc' or 'mtt')"]),
+     ["base.base: 'kip' is not allowed (allowed: 'dm', 'dc', 'mtt' or 'cafe')"]),
     ("duplicate grid values", spec_with(grid={"dataset": ["CIFAR10", "cifar10"]}),
      ["grid: duplicate trial dataset=CIFAR10"]),
     ("include repeats a grid point", spec_with(include=[{"seed": 1, "lam": 0.80}]),

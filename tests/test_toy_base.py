@@ -26,9 +26,9 @@ def toy_plugin(monkeypatch):
 
 
 def test_unknown_base_names_the_registered_ones(toy_plugin):
-    with pytest.raises(ValidationError, match="'kip' is not allowed .*'mtt' or 'toy'"):
+    with pytest.raises(ValidationError, match="'kip' is not allowed .*'cafe' or 'toy'"):
         Config(base="kip")
-    assert bases.base_names() == ["dm", "dc", "mtt", "toy"]
+    assert bases.base_names() == ["dm", "dc", "mtt", "cafe", "toy"]
 
 
 def test_toy_base_runs_through_the_engine(toy_plugin, digits):
