@@ -2,7 +2,7 @@
 
 Each trial runs in a Ray task on a local Ray cluster and trains nothing: it makes the MLflow
 calls of `orchestrator.trainable` through the service's own `TrialRun` (open the child run;
-`log_iteration` with the 8 metrics a dm trial logs at lam 0.8, plus `iteration`; `flush()` every
+`log_iteration` with the 8 metrics a dm trial logs at lam 0.8; `flush()` every
 --flush-every steps, as at each checkpoint; `log_evaluation`; `log_outputs` of a one-file set
 folder and a results file; `finish`). An exception ends the trial as in the trainable
 (`TrialRun.fail`), without retrying it. Each task connects, then waits at a gate: all K start
@@ -104,7 +104,7 @@ def one_trial(client, ctx: dict, trial) -> dict:
                 out["flush_s"].append(time.perf_counter() - started)
                 out["acked_until"] = step
         phase = "log_evaluation"
-        run.log_evaluation(evaluation(), step=n)  # also flushes any steps left
+        run.log_evaluation(evaluation())  # at step 0; also flushes any steps left
         out["acked_until"], out["eval"], phase = n, True, "log_outputs"
         run.log_outputs(Path(ctx["synset"]), Path(ctx["results"]))
         out["artifact"], phase = True, "finish"
@@ -242,9 +242,9 @@ def check_rows(db, experiment_id: str, trials: list[dict], n: int) -> dict:
                    f"m.run_uuid WHERE r.experiment_id = {int(experiment_id)}")
     found, lost, missing = Counter(cursor.fetchall()), 0, 0
     for t in trials:
-        expected = [(key, step, step <= t["acked_until"]) for key in ("iteration", *METRICS)
+        expected = [(key, step, step <= t["acked_until"]) for key in METRICS
                     for step in range(1, n + 1)]
-        expected += [(key, n, t["eval"]) for key in evaluation().metrics()]
+        expected += [(key, 0, t["eval"]) for key in evaluation().metrics()]
         absent = [acked for key, step, acked in expected if not found[(t["run_id"], key, step)]]
         lost, missing = lost + sum(absent), missing + len(absent) - sum(absent)
     return {"rows": sum(found.values()), "duplicated": sum(c - 1 for c in found.values()),
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.cpu_count()} CPUs | {platform.processor() or platform.machine()} | python "
           f"{platform.python_version()} | mlflow {mlflow.__version__} | ray {ray.__version__} | "
           f"load average {os.getloadavg()[0]:.1f} | MemAvailable {mem_available_mb()} MiB")
-    print(f"N = {args.iterations} iterations x 9 metrics per trial, flush every "
+    print(f"N = {args.iterations} iterations x 8 metrics per trial, flush every "
           f"{args.flush_every}; at most {args.max_procs} trial processes; mlflow server: "
           f"{args.server_workers} uvicorn workers, PostgreSQL, proxied artifacts", flush=True)
     results, server_peak = [], 0.0

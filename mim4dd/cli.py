@@ -11,12 +11,14 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from mim4dd import __version__
 from mim4dd.atomic import write_atomic
 from mim4dd.config import Config, EvalConfig
 from mim4dd.data import DatasetError
 from mim4dd.distill import Distiller, save_state
+from mim4dd.evaluate import EvalResult, NetResult
 from mim4dd.experiment import (
     RESULTS_FILE, STATE_FILE, ExperimentCallback, evaluate_synset, finished_in, load_data,
     run_experiment,
@@ -93,6 +95,31 @@ def _build_config(config_file: Path | None, settings: dict[str, Any]) -> Config:
         raise _fail(str(exc)) from None
 
 
+def _eval_plan(config: EvalConfig) -> str:
+    return (f"{config.num_nets} networks x {config.epochs} epochs of "
+            f"{', '.join(config.models)}")
+
+
+def _print_network(network: NetResult) -> None:
+    """A progress line per finished evaluation network."""
+    line = (f"{network.architecture} network {network.index + 1}: test "
+            f"{100 * network.test_accuracy:.2f} %")
+    if network.val_accuracy is not None:
+        line += f"  (validation {100 * network.val_accuracy:.2f} %)"
+    console.print(line, highlight=False)
+
+
+def _evaluation_table(evaluation: EvalResult) -> Table:
+    """One row per architecture: test mean ± std and validation mean over its networks (%)."""
+    table = Table("architecture")
+    for column in ("test acc %", "± std", "val acc %", "nets"):
+        table.add_column(column, justify="right")
+    for arch, result in evaluation.by_architecture.items():
+        table.add_row(arch, f"{100 * result.mean:.2f}", f"{100 * result.std:.2f}",
+                      f"{100 * result.val_mean:.2f}", str(len(result.test_accuracies)))
+    return table
+
+
 def default_out_dir(config: Config) -> Path:
     """Derived from the config, so re-running the same command finds (and resumes) its run."""
     return Path("runs") / f"{config.dataset}-ipc{config.ipc}-{config.base}-lam{config.lam:g}-seed{config.seed}"
@@ -127,7 +154,10 @@ class _ProgressCallback(ExperimentCallback):
 
     def on_evaluation_start(self, config: EvalConfig) -> None:
         self.progress.stop()
-        console.print(f"evaluating: {config.num_nets} networks x {config.epochs} epochs")
+        console.print(f"evaluating: {_eval_plan(config)}")
+
+    def on_network(self, network: NetResult) -> None:
+        _print_network(network)
 
 
 def _progress() -> Progress:
@@ -198,7 +228,9 @@ def distill(
     state_path.unlink(missing_ok=True)
     evaluation = result.evaluation
     results.print(f"wrote {out} (synset.safetensors, manifest.json, grid.png, {RESULTS_FILE})")
-    if evaluation is not None:
+    if evaluation is not None and evaluation.per_architecture:
+        results.print(_evaluation_table(evaluation))
+    elif evaluation is not None:
         results.print(f"test accuracy: [bold]{evaluation}[/bold]  "
                       f"(validation {100 * evaluation.val_mean:.2f} %)")
 
@@ -213,30 +245,38 @@ def evaluate_command(
         "--eval-nets", "--num-nets", help="networks to train",
         show_default="the set's own protocol")] = None,
     seed: Annotated[Optional[int], typer.Option(help="first evaluation network's seed")] = None,
+    models: Annotated[Optional[str], typer.Option(
+        help="architectures, comma-separated: convnet, mlp, lenet, alexnet, vgg11, vgg11_bn, "
+             "resnet18, resnet18_bn", show_default="the set's own protocol")] = None,
     data_root: Annotated[Optional[str], typer.Option()] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
     out: Annotated[Optional[Path], typer.Option(help="results JSON (default PATH/evaluation.json)")] = None,
 ) -> None:
-    """Train fresh networks on a saved set and test them on the real test split."""
+    """Train fresh networks of each architecture on a saved set and test them on the real test
+    split: a table per architecture on stdout, a line per finished network on stderr."""
     try:
         synset = SyntheticSet.load(path)
     except SyntheticSetError as exc:
         raise _fail(str(exc)) from None
     tree = synset.manifest["config"]
-    overrides = {"epochs": epochs, "num_nets": num_nets, "seed": seed}
+    overrides = {"epochs": epochs, "num_nets": num_nets, "seed": seed, "models": models}
     tree["eval"].update({k: v for k, v in overrides.items() if v is not None})
     tree.update({k: v for k, v in {"data_root": data_root, "device": device}.items() if v})
-    config = Config.model_validate(tree)
     try:
-        with console.status(f"evaluating {path}: {config.eval.num_nets} networks x "
-                            f"{config.eval.epochs} epochs"):
-            evaluation = evaluate_synset(synset, config)
-    except DatasetError as exc:
+        config = Config.model_validate(tree)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {line}" for line in validation_problems(exc))
+        raise _fail(f"invalid evaluation settings:\n{problems}") from None
+    try:
+        console.print(f"evaluating {path}: {_eval_plan(config.eval)}")
+        evaluation = evaluate_synset(synset, config, on_network=_print_network)
+    except (DatasetError, ValueError) as exc:
         raise _fail(str(exc)) from None
     out = out or path / "evaluation.json"
     text = json.dumps({"set": str(path), "eval": config.eval.model_dump(mode="json"),
                        "evaluation": evaluation.to_dict()}, indent=2) + "\n"
     write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    results.print(_evaluation_table(evaluation))
     results.print(f"test accuracy: [bold]{evaluation}[/bold]; wrote {out}")
 
 
@@ -281,6 +321,9 @@ def experts_command(
             def report(index: int, epoch: int) -> None:
                 progress.update(task, completed=index * epochs + epoch,
                                 loss=f"expert {index + 1}/{count}")
+                if not console.is_terminal and epoch == epochs:  # a log: a line per expert
+                    console.print(f"expert {index + 1}/{count} trained ({epochs} epochs)",
+                                  highlight=False)
 
             buffer = train_experts(config, count, folder, callback=report, data=data)
     except (DatasetError, ExpertBufferError, ValueError) as exc:

@@ -15,17 +15,21 @@ import numpy as np
 import torch
 
 from mim4dd.atomic import write_atomic
+from mim4dd.bases import base_class
 from mim4dd.config import Config
 from mim4dd.data import RealData, load_for
 from mim4dd.device import resolve_device
 from mim4dd.memory import keep_freed_memory
 from mim4dd.objectives.base import DivergenceError, StepBatch
 from mim4dd.objectives.mim import MIMTerm
-from mim4dd.bases import base_class
 from mim4dd.synset import SyntheticSet
 
 STATE_VERSION = 1
 INIT_STREAM = 1  # the initial images draw from their own stream, apart from the steps
+# The paper's λ needs no per-term gradients; knowing them apart (to log `mim_grad_ratio`)
+# walks the synthetic side's graph twice, 1.7x the CPU time of a DM step at IPC 50, so that
+# happens every this many steps (relative mode needs them every step).
+GRAD_RATIO_EVERY = 10
 
 
 class NonFiniteLossError(DivergenceError):
@@ -101,23 +105,31 @@ class Distiller:
             generator, seed, iteration,
         )
 
-    def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L = L_base + lambda * L_MIM for one batch, with its parts (detached) for logging."""
-        config = self.config
-        use_mim = config.lam > 0  # lambda = 0 never touches the heads: exactly the base method
+    def terms(
+        self, batch: StepBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """L_base and L_MIM (None at lambda = 0) for one batch, with their parts (detached)
+        for logging."""
+        use_mim = self.config.lam > 0  # lambda = 0 never touches the heads: the base method
         out = self.objective.match(batch, with_features=use_mim)
-        loss = out.base_loss
-        parts = {"loss_base": out.base_loss}
-        if use_mim:
-            mim_loss, per_block = self.mim(
-                out.syn_features, out.real_features, batch.syn_labels, batch.real_labels
-            )
-            loss = loss + config.lam * mim_loss
-            parts["loss_mim"] = mim_loss
-            for k, block_loss in zip(config.blocks, per_block, strict=True):
-                parts[f"loss_mim_block{k + 1}"] = block_loss
-        parts["loss"] = loss
-        return loss, {name: part.detach() for name, part in parts.items()}
+        parts = {"loss_base": out.base_loss.detach()}
+        if not use_mim:
+            return out.base_loss, None, parts
+        mim_loss, per_block = self.mim(
+            out.syn_features, out.real_features, batch.syn_labels, batch.real_labels
+        )
+        parts["loss_mim"] = mim_loss.detach()
+        for k, block_loss in zip(self.config.blocks, per_block, strict=True):
+            parts[f"loss_mim_block{k + 1}"] = block_loss.detach()
+        return out.base_loss, mim_loss, parts
+
+    def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The paper's L = L_base + lambda * L_MIM for one batch, with its parts (detached).
+        (`step` weighs L_MIM the same way unless `lam_mode` is "relative".)"""
+        base, mim, parts = self.terms(batch)
+        loss = base if mim is None else base + self.config.lam * mim
+        parts["loss"] = loss.detach()
+        return loss, parts
 
     def _trained_tensors(self) -> list[torch.Tensor]:
         """The leaves the total loss trains; anything else in the graph (a network's weights,
@@ -129,13 +141,21 @@ class Distiller:
         """One optimisation step over the synthetic images, the MIM heads and the objective's
         own parameters; then the objective's own update (`after_backward`)."""
         batch = self.batch(self.iteration)
-        loss, parts = self.loss(batch)
+        base, mim, parts = self.terms(batch)
         self.image_optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
         trained = self._trained_tensors()
         for tensor in self.objective.parameters():
             tensor.grad = None
-        loss.backward(inputs=trained)
+        if mim is None:
+            base.backward(inputs=trained)
+            parts["loss"] = parts["loss_base"]
+        elif self.config.lam_mode == "relative" or self.iteration % GRAD_RATIO_EVERY == 0:
+            self._backward_with_mim(base, mim, parts)
+        else:
+            loss = base + self.config.lam * mim
+            loss.backward(inputs=trained)
+            parts["loss"] = loss.detach()
         metrics, grads_finite = self._read_back(parts, trained)
         if not math.isfinite(metrics["loss"]):
             raise NonFiniteLossError(
@@ -160,6 +180,34 @@ class Distiller:
         self.iteration += 1
         return metrics
 
+    def _backward_with_mim(
+        self, base: torch.Tensor, mim: torch.Tensor, parts: dict[str, torch.Tensor]
+    ) -> None:
+        """Gradients of L_base + w * L_MIM into the images, heads and the objective's own
+        tensors, from one pass over each term, so that the two terms' image gradients are
+        known apart: `mim_grad_ratio` = |w grad_x L_MIM| / |grad_x L_base| says whether the
+        MIM term acts at all. w is lambda (the paper's Eq. 17) or, with lam_mode "relative"
+        (our extension), lambda |grad_x L_base| / |grad_x L_MIM|, which makes that ratio
+        lambda on any base."""
+        heads, own = list(self.mim.parameters()), self.objective.parameters()
+        from_base = torch.autograd.grad(base, [self.images, *own], retain_graph=True,
+                                        allow_unused=True)
+        from_mim = torch.autograd.grad(mim, [self.images, *heads, *own], allow_unused=True)
+        base_norm, mim_norm = from_base[0].norm(), from_mim[0].norm()
+        weight = torch.tensor(self.config.lam, device=self.device)
+        if self.config.lam_mode == "relative":
+            weight = weight * base_norm / mim_norm.clamp_min(torch.finfo(mim_norm.dtype).tiny)
+        parts["mim_weight"] = weight
+        parts["mim_grad_ratio"] = weight * mim_norm / base_norm
+        parts["loss"] = (base + weight * mim).detach()
+        self.images.grad = from_base[0] + weight * from_mim[0]
+        for head, grad in zip(heads, from_mim[1 : 1 + len(heads)], strict=True):
+            head.grad = None if grad is None else weight * grad
+        own_from_mim = from_mim[1 + len(heads) :]
+        for tensor, g_base, g_mim in zip(own, from_base[1:], own_from_mim, strict=True):
+            grads = [g for g in (g_base, None if g_mim is None else weight * g_mim) if g is not None]
+            tensor.grad = sum(grads) if grads else None
+
     @staticmethod
     def _read_back(
         parts: dict[str, torch.Tensor], trained: list[torch.Tensor]
@@ -167,7 +215,8 @@ class Distiller:
         """The loss parts as floats and whether every gradient is finite, in one host sync
         (on a GPU each `.item()` would wait for the device separately)."""
         finite = torch.stack([torch.isfinite(t.grad).all() for t in trained if t.grad is not None])
-        values = torch.cat([torch.stack(list(parts.values())).float(), finite.all().float()[None]])
+        values = torch.cat([torch.stack([p.float() for p in parts.values()]),
+                            finite.all().float()[None]])
         *numbers, all_finite = values.tolist()
         return dict(zip(parts, numbers, strict=True)), all_finite == 1.0
 
@@ -216,9 +265,9 @@ class Distiller:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"distillation state version {state.get('version')} is not {STATE_VERSION}")
         saved = Config.model_validate(state["config"])
-        # Where it runs, how long it goes on, how it is evaluated and where the (key-checked)
+        # Where and how it runs, how long it goes on, how it is evaluated and where the (key-checked)
         # expert buffer lives may change on resume.
-        free = {"device", "iterations", "eval", "expert_dir"}
+        free = {"device", "compile", "iterations", "eval", "expert_dir"}
         if saved.model_dump(exclude=free) != self.config.model_dump(exclude=free):
             raise ValueError("this state was saved by a run with a different config")
         with torch.no_grad():

@@ -7,13 +7,19 @@ does, so MNIST-like and CIFAR-like nets share a shape after the first block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from mim4dd.config import ModelConfig
+if TYPE_CHECKING:  # annotations only: config imports the evaluation pool, which imports this
+    from mim4dd.config import ModelConfig
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """'instance', 'batch' or 'none' normalisation of a conv layer's output."""
     if kind == "instance":  # instance norm with affine, written as GroupNorm(C, C) like the reference
         return nn.GroupNorm(channels, channels, affine=True)
     if kind == "batch":
@@ -37,7 +43,7 @@ class ConvNet(nn.Module):
             blocks.append(
                 nn.Sequential(
                     nn.Conv2d(in_ch, config.width, 3, padding=padding),
-                    _norm(config.norm, config.width),
+                    norm_layer(config.norm, config.width),
                     nn.ReLU(inplace=True),
                     _pool(config.pooling),
                 )
@@ -80,11 +86,17 @@ def build_model(
     channels: int, image_size: int, num_classes: int, config: ModelConfig, seed: int | None = None
 ) -> ConvNet:
     """A fresh ConvNet; with `seed`, its initial weights depend on the seed alone."""
+    return seeded(seed, lambda: ConvNet(channels, image_size, num_classes, config))
+
+
+def seeded(seed: int | None, make: Callable[[], nn.Module]) -> nn.Module:
+    """`make()`, drawing its initial weights from `seed` alone (when given) without touching
+    the caller's global random state."""
     if seed is None:
-        return ConvNet(channels, image_size, num_classes, config)
+        return make()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ConvNet(channels, image_size, num_classes, config)
+        return make()
 
 
 def block_shapes(channels: int, image_size: int, config: ModelConfig) -> list[tuple[int, int, int]]:

@@ -5,9 +5,10 @@ population std (ddof=0, as `EvalResult.std` and the DD literature report it):
 
 * seed-level (the headline): each seed's mean test accuracy over its evaluation networks, then
   mean ± std of those per-seed means;
-* pooled: mean ± std over every network of every seed together.
+* pooled: mean ± std over every network of every seed together;
 
-Accuracies in the tables are percentages.
+and, for a cell whose λ = 0 twin ran the same seeds, the paired difference from it with its
+95 % confidence interval (`orchestrator.paired`). Accuracies are percentages throughout.
 """
 
 from __future__ import annotations
@@ -15,19 +16,24 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from mim4dd.evaluate import NET_TEST_ACC
+from orchestrator import paired
+
 SEED = "seed"
-NET_PREFIX = "test_acc_net"  # per-network accuracy columns of the trial frame, in [0, 1]
-_METRIC = re.compile(r"^eval/test_acc_net(\d+)$")
+_NET_COLUMN = re.compile(r"^test_acc_net(\d+)_pct$")  # the trial frame's per-network accuracy
+CELL_METRIC = "cell/"  # parent-run metrics: cell/<cell>/<summary column>
 
 SUMMARY_COLUMNS = [
     "n_seeds", "n_nets",
     "seed_level_mean_pct", "seed_level_std_pct", "pooled_mean_pct", "pooled_std_pct",
+    *paired.COLUMNS,
 ]
 
 
@@ -39,7 +45,7 @@ def _hashable(value: Any) -> Any:
 
 
 def trial_frame(runs: Iterable[Any]) -> tuple[pd.DataFrame, list[str]]:
-    """One row per FINISHED trial run: key, swept settings, seed, per-network accuracies.
+    """One row per FINISHED trial run: key, swept settings, seed, per-network accuracies (%).
 
     Returns the frame and the swept axes (the dotted paths of the trials' grid points). When a
     trial key ran more than once (a changed config), only its newest finished run counts.
@@ -59,38 +65,52 @@ def trial_frame(runs: Iterable[Any]) -> tuple[pd.DataFrame, list[str]]:
         row = {"trial_key": key, "run_id": run.info.run_id}
         row |= {axis: _hashable(values.get(axis)) for axis in [*axes, SEED]}
         for name, value in run.data.metrics.items():
-            if match := _METRIC.match(name):
-                row[f"{NET_PREFIX}{match.group(1)}"] = value
+            if match := NET_TEST_ACC.match(name):
+                row[f"test_acc_net{match.group(1)}_pct"] = value
         rows.append(row)
     return pd.DataFrame(rows), axes
 
 
 def net_columns(frame: pd.DataFrame) -> list[str]:
-    return sorted((c for c in frame.columns if c.startswith(NET_PREFIX)),
-                  key=lambda c: int(c.removeprefix(NET_PREFIX)))
+    nets = {int(m.group(1)): c for c in frame.columns if (m := _NET_COLUMN.match(str(c)))}
+    return [nets[i] for i in sorted(nets)]
+
+
+def _groups(frame: pd.DataFrame, by: Sequence[str]) -> Iterable[tuple[tuple, pd.DataFrame]]:
+    """(values, rows) per distinct combination of `by`; one group of everything without."""
+    if not by:
+        yield (), frame
+        return
+    for values, group in frame.groupby(list(by), sort=True, dropna=False):
+        yield (values if isinstance(values, tuple) else (values,)), group
 
 
 def summarize(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
-    """Per cell (every axis but `seed`): seed count, seed-level and pooled mean ± std in %."""
+    """Per cell (every axis but `seed`): seed count, seed-level and pooled mean ± std, and
+    the paired difference from the cell's λ = 0 twin, all in %."""
     cells = [a for a in axes if a != SEED]
     nets = net_columns(frame)
     if frame.empty or not nets:
         return pd.DataFrame(columns=[*cells, *SUMMARY_COLUMNS])
+    seed_mean = pd.Series([_nanmean(row) for row in frame[nets].to_numpy(dtype=float)],
+                          index=frame.index)
+    per_seed = {values: seed_mean[group.index].groupby(group[SEED]).mean().dropna()
+                for values, group in _groups(frame, cells)}
+    versus = paired.versus_baseline(per_seed, cells)
     rows = []
-    groups = frame.groupby(cells, sort=True, dropna=False) if cells else [((), frame)]
-    for values, group in groups:
-        values = values if isinstance(values, tuple) else (values,)
-        accuracies = group[nets].to_numpy(dtype=float)
-        per_seed = pd.Series([_nanmean(row) for row in accuracies]).dropna()
-        pooled = pd.Series(accuracies.ravel()).dropna()
+    for values, group in _groups(frame, cells):
+        seeds = per_seed[values]
+        pooled = pd.Series(group[nets].to_numpy(dtype=float).ravel()).dropna()
         rows.append({
             **dict(zip(cells, values, strict=True)),
-            "n_seeds": len(per_seed),
+            "n_seeds": len(seeds),
             "n_nets": len(pooled),
-            "seed_level_mean_pct": 100 * per_seed.mean(),
-            "seed_level_std_pct": 100 * per_seed.std(ddof=0),
-            "pooled_mean_pct": 100 * pooled.mean(),
-            "pooled_std_pct": 100 * pooled.std(ddof=0),
+            "seed_level_mean_pct": seeds.mean(),
+            "seed_level_std_pct": seeds.std(ddof=0),
+            "pooled_mean_pct": pooled.mean(),
+            "pooled_std_pct": pooled.std(ddof=0),
+            paired.N_PAIRS: 0,
+            **versus.get(values, {}),
         })
     return pd.DataFrame(rows, columns=[*cells, *SUMMARY_COLUMNS])
 
@@ -104,21 +124,64 @@ def cell_axes(summary: pd.DataFrame) -> list[str]:
     return [c for c in summary.columns if c not in SUMMARY_COLUMNS]
 
 
-def to_markdown(summary: pd.DataFrame) -> str:
-    """The summary as a Markdown table, accuracies as 'mean ± std'."""
+LEGEND = ("seed-level: mean ± std over seeds of each seed's mean over its networks; pooled: "
+          "over every network of every seed (population std). Δ: the paired difference from "
+          "the same seeds at λ = 0, in percentage points, with its 95 % confidence interval "
+          "(Student t over seeds).")
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _difference(row: dict[str, Any]) -> str:
+    if not row[paired.N_PAIRS]:
+        return "baseline" if row.get(paired.LAM) == 0 else ""
+    text = f"{row[paired.DIFF_MEAN]:+.2f}"
+    if math.isnan(row[paired.DIFF_LOW]):
+        return f"{text} (1 seed: no CI)"
+    return f"{text} [{row[paired.DIFF_LOW]:+.2f}, {row[paired.DIFF_HIGH]:+.2f}]"
+
+
+def display_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
+    """The summary for people, one dict of text per cell: the table of `report` and of
+    summary.md."""
     axes = cell_axes(summary)
-    header = [*axes, "seeds", "test acc % seed-level (mean ± std over seeds)",
-              "test acc % pooled (mean ± std over all nets)", "nets"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for row in summary.to_dict("records"):  # records keep ints as ints, unlike iterrows
-        cells = [str(row[a]) for a in axes] + [
-            str(row["n_seeds"]),
-            f"{row['seed_level_mean_pct']:.2f} ± {row['seed_level_std_pct']:.2f}",
-            f"{row['pooled_mean_pct']:.2f} ± {row['pooled_std_pct']:.2f}",
-            str(row["n_nets"]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        shown = {a: _number(row[a]) for a in axes}
+        shown["seeds"] = str(row["n_seeds"])
+        for kind, what in (("seed_level", "seed-level"), ("pooled", "pooled")):
+            mean, std = row[f"{kind}_mean_pct"], row[f"{kind}_std_pct"]
+            shown[f"test acc % {what} (mean ± std)"] = f"{mean:.2f} ± {std:.2f}"
+        shown["nets"] = str(row["n_nets"])
+        if paired.LAM in axes:
+            shown["Δ vs λ = 0, pp [95 % CI]"] = _difference(row)
+        rows.append(shown)
+    return rows
+
+
+def to_markdown(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table, accuracies as 'mean ± std', and what they mean."""
+    rows = display_rows(summary)
+    header = list(rows[0]) if rows else [*cell_axes(summary), "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+    return "\n".join([*lines, "", LEGEND]) + "\n"
+
+
+def cell_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """Every number of the summary as a parent-run metric, `cell/<axis>_<value>/.../<column>`
+    (e.g. cell/lam_0.8/diff_vs_lam0_mean_pct); a missing number is left out."""
+    axes = cell_axes(summary)
+    metrics = {}
+    for row in summary.to_dict("records"):
+        cell = "/".join(f"{a}_{_number(row[a])}" for a in axes) or "all"
+        cell = re.sub(r"[^\w.\-/ ]", "_", cell)  # what MLflow allows in a metric name
+        for column in SUMMARY_COLUMNS:
+            if not pd.isna(row[column]):
+                metrics[f"{CELL_METRIC}{cell}/{column}"] = float(row[column])
+    return metrics
 
 
 def _numeric(values: pd.Series) -> bool:
@@ -132,25 +195,37 @@ def plot_axes(summary: pd.DataFrame) -> list[str]:
 
 
 def plot(summary: pd.DataFrame, axis: str, path: Path, title: str = "") -> Path:
-    """Seed-level accuracy vs `axis` with std error bars, one line per other-axes combination."""
+    """Seed-level accuracy vs `axis` with std error bars, one line per other-axes combination;
+    below it, when the sweep has λ = 0 twins, each cell's paired difference from its twin
+    with its 95 % confidence interval."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     others = [a for a in cell_axes(summary) if a != axis]
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    ax = figure.add_subplot()
-    groups = summary.groupby(others, sort=True, dropna=False) if others else [((), summary)]
-    for values, group in groups:
-        values = values if isinstance(values, tuple) else (values,)
+    compared = bool(summary[paired.DIFF_MEAN].notna().any())
+    figure = Figure(figsize=(6, 6.5 if compared else 4), layout="constrained")
+    top, *bottom = figure.subplots(1 + compared, 1, sharex=True, squeeze=False)[:, 0]
+    for values, group in _groups(summary, others):
         group = group.sort_values(axis)
         label = ", ".join(f"{a}={v}" for a, v in zip(others, values, strict=True)) or None
-        ax.errorbar(group[axis], group["seed_level_mean_pct"], yerr=group["seed_level_std_pct"],
-                    marker="o", capsize=3, label=label)
-    ax.set_xlabel(axis)
-    ax.set_ylabel("test accuracy % (mean ± std over seeds)")
-    ax.set_title(title or f"accuracy vs {axis}")
-    ax.grid(alpha=0.3)
+        line = top.errorbar(group[axis], group["seed_level_mean_pct"],
+                            yerr=group["seed_level_std_pct"], marker="o", capsize=3, label=label)
+        twinned = group.dropna(subset=[paired.DIFF_MEAN])
+        if bottom and not twinned.empty:
+            mean = twinned[paired.DIFF_MEAN]
+            ci = [(mean - twinned[paired.DIFF_LOW]).fillna(0),
+                  (twinned[paired.DIFF_HIGH] - mean).fillna(0)]  # one seed: no bar
+            bottom[0].errorbar(twinned[axis], mean, yerr=ci, marker="o", capsize=3,
+                               color=line.lines[0].get_color())
+    top.set_ylabel("test accuracy % (mean ± std over seeds)")
+    top.set_title(title or f"accuracy vs {axis}")
+    if bottom:
+        bottom[0].axhline(0, color="grey", linewidth=1, linestyle="--")
+        bottom[0].set_ylabel("Δ vs same seeds at λ = 0, pp\n(paired, 95 % CI)")
+    for ax in (top, *bottom):
+        ax.grid(alpha=0.3)
+    (bottom or [top])[0].set_xlabel(axis)
     if others:
-        ax.legend(fontsize="small")
+        top.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     return path
 
@@ -172,15 +247,27 @@ def write_report(
 
 
 def log_report(client: Any, run_id: str, summary: pd.DataFrame, files: Sequence[Path]) -> None:
-    """The table (browsable in the MLflow UI) and the files, under the parent's `aggregate/`."""
+    """On the parent run: the table (browsable in the MLflow UI), each cell's numbers as
+    metrics at step 0 (`cell_metrics`) and the files, under `aggregate/`."""
+    from mlflow.entities import Metric
+
+    from orchestrator import tracking
+
     if not summary.empty:
-        client.log_table(run_id, summary, "aggregate/summary.json")
+        tracking.log_table(client, run_id, summary, "aggregate/summary.json")
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in cell_metrics(summary).items()]
+        for start in range(0, len(metrics), 1000):  # MLflow takes 1000 per request
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
     for path in files:
         client.log_artifact(run_id, str(path), "aggregate")
 
 
 __all__ = [
+    "LEGEND",
     "SUMMARY_COLUMNS",
+    "cell_metrics",
+    "display_rows",
     "log_report",
     "plot",
     "summarize",

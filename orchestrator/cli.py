@@ -88,7 +88,7 @@ def launch(
     from orchestrator.tune_run import PendingTimeoutError
 
     try:
-        outcome = run_sweep(spec, dry_run=dry_run, progress=True, console=err)
+        outcome = run_sweep(spec, dry_run=dry_run, progress=True, console=err, source=spec_file)
     except ExpertStageError as exc:
         raise _fail(f"expert stage failed; no trial was started:\n{exc}") from None
     except SweepLockedError as exc:
@@ -164,21 +164,9 @@ def _load(
 
 
 def _print_summary(summary: Any, name: str) -> None:
-    from orchestrator.aggregate import cell_axes
+    from orchestrator.aggregate import display_rows
 
-    def pm(row: Any, kind: str) -> str:
-        return f"{row[f'{kind}_mean_pct']:.2f} ± {row[f'{kind}_std_pct']:.2f}"
-
-    rows = []
-    for row in summary.to_dict("records"):  # records keep ints as ints, unlike iterrows
-        rows.append({
-            **{axis: row[axis] for axis in cell_axes(summary)},
-            "seeds": int(row["n_seeds"]),
-            "acc % seed-level": pm(row, "seed_level"),
-            "acc % pooled nets": pm(row, "pooled"),
-            "nets": int(row["n_nets"]),
-        })
-    out.print(_table(rows, f"{name}: test accuracy (mean ± std)"))
+    out.print(_table(display_rows(summary), f"{name}: test accuracy (mean ± std)"))
 
 
 @app.command("list")
@@ -228,7 +216,7 @@ def status(
     rows = [{
         "trial": t["key"], "status": t["status"],
         "progress": f"{t['iteration']}/{t['iterations']}",
-        "test acc %": "" if t["test_acc"] is None else f"{100 * t['test_acc']:.2f}",
+        "test acc %": "" if t["test_acc_pct"] is None else f"{t['test_acc_pct']:.2f}",
         "failure": t["failure"][:80],
     } for t in report.trials]
     if rows:
@@ -239,8 +227,8 @@ def status(
 def report(
     name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,
     fmt: Annotated[ReportFormat, typer.Option(
-        "--format", help="table for people; csv or json (all columns, accuracies in %) for "
-                         "programs.")] = ReportFormat.table,
+        "--format", help="table for people; csv or json (all columns, accuracies and paired "
+                         "differences in %) for programs.")] = ReportFormat.table,
     out_file: Annotated[Path | None, typer.Option(
         "--out", help="Write the csv or json to this file instead of stdout.")] = None,
 ) -> None:
@@ -268,9 +256,10 @@ def report(
         return
     if out_file is not None:
         raise _fail("--out takes --format csv or json", 2)
+    from orchestrator.aggregate import LEGEND
+
     _print_summary(report.summary, name)
-    out.print("seed-level: mean ± std over seeds of each seed's mean over its networks; "
-              "pooled: over every network of every seed (population std).")
+    out.print(LEGEND, highlight=False)
 
 
 def _where(items: list[str]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.entities import Run
 
 from mim4dd.evaluate import TEST_ACC_MEAN
-from orchestrator import aggregate, tracking
+from orchestrator import aggregate, tracking, ui_view
 from orchestrator.expand import Trial
 
 TRIALS_ARTIFACT = "trials.json"  # on the parent run: {trial key: config digest} of the spec
@@ -69,7 +69,7 @@ class SweepStatus:
     name: str
     run_status: str
     total: int
-    trials: list[dict[str, Any]]  # key, status, iteration, iterations, test_acc, failure
+    trials: list[dict[str, Any]]  # key, status, iteration, iterations, test_acc_pct, failure
 
     def count(self, status: str) -> int:
         return sum(1 for t in self.trials if t["status"] == status)
@@ -120,9 +120,9 @@ def sweep_status(name: str, tracking_uri: str | None = None) -> SweepStatus:
         metrics, params = run.data.metrics, run.data.params
         trials.append({
             "key": key, "status": run.info.status,
-            "iteration": int(metrics.get("iteration", 0)),
+            "iteration": int(run.data.tags.get(tracking.TAG_ITERATION, 0)),
             "iterations": int(tracking.parse_value(params.get("iterations", "0")) or 0),
-            "test_acc": metrics.get(TEST_ACC_MEAN),
+            "test_acc_pct": metrics.get(TEST_ACC_MEAN),
             "failure": run.data.tags.get(tracking.TAG_FAILURE, ""),
         })
     total = int(parent.data.tags.get(tracking.TAG_TOTAL, len(trials)))
@@ -215,9 +215,9 @@ def ui_command(tracking_uri: str | None, host: str, port: int, workers: int = 1)
 
 
 def sweep_link(name: str, base_url: str, tracking_uri: str | None = None) -> str:
-    """The URL of a sweep's runs table in the MLflow UI at `base_url`."""
-    _, parent = _open_sweep(name, tracking_uri)
-    return f"{base_url.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs"
+    """The URL of a sweep's runs table in the MLflow UI at `base_url` (`ui_view`)."""
+    client, parent = _open_sweep(name, tracking_uri)
+    return ui_view.link(base_url, client.get_experiment(parent.info.experiment_id), name)
 
 
 def _same(actual: Any, wanted: Any) -> bool:

@@ -31,7 +31,7 @@ import pandas as pd
 from rich.console import Console
 
 from mim4dd.bases import plugin_modules
-from orchestrator import aggregate, experts, preflight, queries, tracking
+from orchestrator import aggregate, experts, lineage, preflight, queries, tracking, ui_view
 from orchestrator.board import Board
 from orchestrator.expand import Trial
 from orchestrator.locks import sweep_lock
@@ -60,11 +60,12 @@ class SweepOutcome:
 
 def launch(
     spec: SweepSpec, *, dry_run: bool = False, progress: bool = True,
-    console: Console | None = None,
+    console: Console | None = None, source: Path | None = None,
 ) -> SweepOutcome:
     """Run every unfinished trial of `spec`, then aggregate; see the module docstring.
-    Raises, before anything starts or is logged, SweepLockedError while another launch of it
-    runs and PreflightError when its data or resources cannot serve its trials."""
+    `source` is the sweep file, recorded in MLflow. Raises, before anything starts or is
+    logged, SweepLockedError while another launch of it runs and PreflightError when its data
+    or resources cannot serve its trials."""
     trials = spec.trials()  # expanded when the spec was loaded
     if dry_run:  # nothing started, nothing logged
         return SweepOutcome(spec.name, "DRY_RUN", len(trials), table=trial_table(spec),
@@ -73,7 +74,7 @@ def launch(
         if not _cluster_address(spec):  # the trials run here: check against this machine
             preflight.check_local_resources(spec.resources, trials)
             preflight.check_data(trials)
-        return _launch(spec, trials, progress, console)
+        return _launch(spec, trials, progress, console, source)
 
 
 def _cluster_address(spec: SweepSpec) -> str | None:
@@ -81,19 +82,23 @@ def _cluster_address(spec: SweepSpec) -> str | None:
 
 
 def _launch(
-    spec: SweepSpec, trials: list[Trial], progress: bool, console: Console | None
+    spec: SweepSpec, trials: list[Trial], progress: bool, console: Console | None,
+    source: Path | None,
 ) -> SweepOutcome:
     uri = tracking.resolve_tracking_uri(spec.tracking_uri)
     client = tracking.connect(uri)
     experiment_id = tracking.ensure_experiment(client, spec.experiment_name, uri)
-    note = {tracking.TAG_NOTE: spec.description} if spec.description else {}
-    parent = tracking.open_sweep_run(client, experiment_id, spec.name,
-                                     {tracking.TAG_TOTAL: len(trials), **note})
+    ui_view.save(client, experiment_id, spec.name, lineage.axes(spec))
+    source_tags = lineage.source_tags(source)  # the parent's and every trial's
+    tags = {tracking.TAG_TOTAL: len(trials), tracking.TAG_NOTE: lineage.describe_sweep(spec),
+            **source_tags}
+    parent = tracking.open_sweep_run(client, experiment_id, spec.name, tags,
+                                     params=lineage.grid_params(spec))
     parent_id = parent.info.run_id
     outcome = SweepOutcome(spec.name, "RUNNING", len(trials), uri, parent_id)
     digests = {t.key: t.digest for t in trials}
     try:
-        _log_spec(client, parent_id, spec)
+        _log_spec(client, parent_id, spec, source)
         queries.record_trials(client, parent_id, trials)
         done = tracking.finished_trial_keys(client, parent, digests)
         outcome.skipped = [t.key for t in trials if t.key in done]
@@ -101,7 +106,7 @@ def _launch(
         tune_errors: dict[str, str] = {}
         if remaining:
             context = LaunchContext(spec.name, uri, parent_id, spec.checkpoint_every,
-                                    spec.resources.cpu, tuple(plugin_modules()))
+                                    spec.resources.cpu, tuple(plugin_modules()), source_tags)
             console = console or Console(stderr=True)
             if _cluster_address(spec) and tracking.is_embedded(uri):
                 console.print(f"[yellow]warning:[/] trials on other machines cannot reach {uri}; "
@@ -141,8 +146,10 @@ def _launch(
     return outcome
 
 
-def _log_spec(client: Any, run_id: str, spec: SweepSpec) -> None:
+def _log_spec(client: Any, run_id: str, spec: SweepSpec, source: Path | None) -> None:
     client.log_dict(run_id, spec.model_dump(mode="json"), "spec.json")
+    if source is not None:  # the file as written, comments and all
+        client.log_text(run_id, Path(source).read_text(encoding="utf-8"), lineage.SWEEP_FILE)
 
 
 def prepare_experts(spec: SweepSpec, console: Console | None = None) -> list[experts.Buffer]:

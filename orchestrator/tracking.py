@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterable, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag, ViewType
 
+from orchestrator.lineage import versions
 from orchestrator.locks import held
 from orchestrator.retrying import RetryingClient
 
@@ -41,6 +42,12 @@ TAG_OVERRIDES = "mim4dd.overrides"  # JSON {dotted path: value} of the trial's g
 TAG_FAILURE = "mim4dd.failure"
 TAG_RESUMED = "mim4dd.resumed_from_iteration"
 TAG_ATTEMPT = "mim4dd.attempt"
+# The last distillation step MLflow holds, sent in the same request as that step's metrics:
+# a resumed trial logs only later steps, and `status` shows progress from it.
+TAG_ITERATION = "mim4dd.iteration"
+# On a parent: params of an earlier launch that no longer match the sweep file (MLflow never
+# changes a logged param; the current grid is in its spec.json and sweep.yaml).
+TAG_STALE_PARAMS = "mim4dd.stale_params"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
 # MLflow 3's UI opens an experiment without this tag on its GenAI (tracing) page; with it, on
@@ -120,16 +127,6 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
     if TAG_EXPERIMENT_KIND not in experiment.tags:
         client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
     return experiment.experiment_id
-
-
-def versions() -> dict[str, str]:
-    found = {}
-    for package in ("mim4dd", "torch", "ray", "mlflow"):
-        try:
-            found[f"mim4dd.version.{package}"] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[f"mim4dd.version.{package}"] = "unknown"
-    return found
 
 
 # --- searching -------------------------------------------------------------------------------
@@ -246,20 +243,26 @@ def trial_values(run: Run) -> dict[str, Any]:
 
 
 def open_sweep_run(
-    client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, Any]
+    client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, Any],
+    params: Mapping[str, str] | None = None,
 ) -> Run:
-    """Find the sweep's parent run (a relaunch continues it) or create it; leave it RUNNING."""
+    """Find the sweep's parent run (a relaunch continues it) or create it; leave it RUNNING,
+    with `tags` and the `params` it lacks (changed ones are named in TAG_STALE_PARAMS)."""
     run = find_sweep_run(client, name, experiment_id)
     if run is None:
-        run = client.create_run(
-            experiment_id, run_name=name,
-            tags={TAG_SWEEP: name, TAG_ROLE: "sweep", **versions(),
-                  **{k: str(v) for k, v in tags.items()}},  # the REST API takes text only
-        )
+        run = client.create_run(experiment_id, run_name=name,
+                                tags={TAG_SWEEP: name, TAG_ROLE: "sweep"})
     else:
         client.update_run(run.info.run_id, status="RUNNING")
-        set_tags(client, run.info.run_id, tags)
         clear_failure(client, run)
+    held = run.data.params
+    tags = {**versions(), **tags}
+    if stale := sorted(k for k, v in (params or {}).items() if k in held and held[k] != v):
+        tags[TAG_STALE_PARAMS] = ", ".join(stale)
+    set_tags(client, run.info.run_id, tags)
+    new = [Param(k, v) for k, v in (params or {}).items() if k not in held]
+    for start in range(0, len(new), 100):  # MLflow takes 100 params per request
+        client.log_batch(run.info.run_id, params=new[start : start + 100])
     return client.get_run(run.info.run_id)
 
 
@@ -272,6 +275,19 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None =
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)[:_MAX_TAG]) for k, v in tags.items()])
+
+
+def log_table(client: MlflowClient, run_id: str, table: Any, artifact_file: str) -> None:
+    """`client.log_table` (the UI shows it as a table), replacing a table logged before:
+    MLflow itself appends the new rows to the old ones."""
+    folder = posixpath.dirname(artifact_file)
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id, folder or None)}:
+        client.log_table(run_id, table, artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / posixpath.basename(artifact_file)
+        table.to_json(path, orient="split", index=False)  # log_table's own format
+        client.log_artifact(run_id, str(path), folder or None)
 
 
 def clear_failure(client: MlflowClient, run: Run) -> None:
@@ -315,6 +331,7 @@ __all__ = [
     "finished_trial_keys",
     "home",
     "log_expert_buffer",
+    "log_table",
     "open_sweep_run",
     "resolve_tracking_uri",
     "set_tags",

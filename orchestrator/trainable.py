@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import socket
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ from mim4dd.distill import Distiller, save_state
 from mim4dd.evaluate import EVAL_PREFIX
 from mim4dd.experiment import RESULTS_FILE, STATE_FILE, ExperimentCallback, run_experiment
 from mim4dd.objectives.base import DivergenceError
-from orchestrator.tracking import SYNSET_PATH, TAG_RESUMED, connect
 from orchestrator.expand import Trial
+from orchestrator.tracking import SYNSET_PATH, TAG_ITERATION, TAG_RESUMED, connect
 from orchestrator.trial_run import TrialRun
 
 TRIAL_FILE = "trial.json"  # {"run_id", "key", "iteration"} beside the state
@@ -55,6 +56,8 @@ class LaunchContext:
     checkpoint_every: int
     cpus: float  # the cores Ray reserves per trial
     plugins: tuple[str, ...] = ()  # $MIM4DD_PLUGINS of the driver: bases a worker must know
+    # `lineage.source_tags` of the driver (sweep file, git commit), for every trial's run
+    source_tags: dict[str, str] = field(default_factory=dict)
 
 
 class _Reporter(ExperimentCallback):
@@ -67,6 +70,7 @@ class _Reporter(ExperimentCallback):
         self.last: dict[str, float] = {}
 
     def on_start(self, distiller: Distiller) -> None:
+        self.run.log_inputs(distiller.data)  # again on a resume: MLflow keeps one of each
         if distiller.iteration:
             self.run.set_tags({TAG_RESUMED: distiller.iteration})
 
@@ -105,8 +109,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _final_metrics(run: TrialRun) -> dict[str, float]:
-    metrics = run.client.get_run(run.run_id).data.metrics
-    return {k: v for k, v in metrics.items() if k == "iteration" or k.startswith(EVAL_PREFIX)}
+    data = run.client.get_run(run.run_id).data
+    evaluation = {k: v for k, v in data.metrics.items() if k.startswith(EVAL_PREFIX)}
+    return {"iteration": int(data.tags.get(TAG_ITERATION, 0)), **evaluation}
 
 
 def _node_tags() -> dict[str, str]:
@@ -129,7 +134,7 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
         restored = _restore_folder(workdir)
         saved = _read_json(restored / TRIAL_FILE) if restored else {}
         run = TrialRun.open(client, context.parent_run_id, context.sweep, trial,
-                                     run_id=saved.get("run_id"))
+                            run_id=saved.get("run_id"), tags=context.source_tags)
         if run.finished:  # finished before a kill; Tune's saved state just did not know yet
             tune.report({**_final_metrics(run), "skipped": 1})
             return
@@ -150,17 +155,29 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
         tune.report(final)
 
 
+def _peak_memory() -> dict[str, float]:
+    """The worker process's peak resident memory so far (it may have run earlier trials) and,
+    on a GPU, the most this trial's tensors held at once."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
 def _run_and_log(
     run: TrialRun, trial: Trial, state: Path | None, workdir: Path,
     context: LaunchContext,
 ) -> dict[str, float]:
     run.set_tags(_node_tags())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
     reporter = _Reporter(run, trial.key, context.checkpoint_every)
     result = run_experiment(trial.config, callback=reporter, state=state,
                             checkpoint_every=context.checkpoint_every)
     iterations = int(result.synset.manifest.get("iterations_done", trial.config.iterations))
     assert result.evaluation is not None
-    metrics = run.log_evaluation(result.evaluation, step=iterations)
+    metrics = run.log_evaluation(result.evaluation)
+    run.log_metrics(0, _peak_memory())
 
     out = workdir / "out"
     synset_dir = result.synset.save(out / SYNSET_PATH)

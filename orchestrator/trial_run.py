@@ -1,5 +1,6 @@
-"""The child run of one trial, as the trial process writes it: params, batched metrics, the
-evaluation, the set and its results file, and how the run ends.
+"""The child run of one trial, as the trial process writes it: a description, params, batched
+metrics, the data it read, system metrics, the evaluation, the set (with a preview image) and
+its results file, and how the run ends.
 
 A retried or resumed trial continues its run (by id from its Tune checkpoint, else by trial
 key and config digest), so no trial ever gets a second child run.
@@ -7,25 +8,36 @@ key and config digest), so no trial ever gets a second child run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Metric, Param, Run, RunTag
 
 from mim4dd.evaluate import EvalResult
+from mim4dd.synset import GRID_FILE
+from orchestrator import lineage
 from orchestrator.expand import Trial
 from orchestrator.tracking import (
-    SYNSET_PATH, TAG_ATTEMPT, TAG_DIGEST, TAG_KEY, TAG_OVERRIDES, TAG_PARENT, TAG_ROLE, TAG_SWEEP,
-    child_runs, clear_failure, end_run, runs_by_key, set_tags, versions,
+    SYNSET_PATH, TAG_ATTEMPT, TAG_DIGEST, TAG_ITERATION, TAG_KEY, TAG_NOTE, TAG_OVERRIDES,
+    TAG_PARENT, TAG_ROLE, TAG_SWEEP, child_runs, clear_failure, end_run, runs_by_key, set_tags,
 )
 
+if TYPE_CHECKING:
+    from mim4dd.data import RealData
+
 ERROR_FILE = "error.txt"  # a failed trial's traceback, in its run's artifacts
-# MLflow's limits per log_batch call.
-_MAX_METRICS, _MAX_PARAMS = 1000, 100
+PREVIEW_KEY = "synthetic_set"  # the set's grid.png as an MLflow image: the UI shows it
+_PREVIEW_PX = 256  # a smaller grid is enlarged to about this on its short side
+# MLflow's limits per log_batch call (1000 entries; one is the progress tag).
+_MAX_METRICS, _MAX_PARAMS = 999, 100
+# System metrics (CPU, memory, disk, network; GPU with pynvml) every this many seconds: one
+# small request each, against thousands of optimisation steps a minute.
+SYSTEM_METRICS_EVERY_S = 10
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -56,16 +68,17 @@ class TrialRun:
         self._buffer: list[Metric] = []
         # Steps up to here are in MLflow already: a trial resumed from an older checkpoint
         # recomputes them (identically on CPU) but must not log them twice.
-        self.logged_until = int(run.data.metrics.get("iteration", 0))
+        self.logged_until = int(run.data.tags.get(TAG_ITERATION, 0))
+        self._monitor: Any = None  # MLflow's system-metrics thread while the run is ours
 
     @classmethod
     def open(
         cls, client: MlflowClient, parent_run_id: str, sweep: str, trial: Trial,
-        run_id: str | None = None,
+        run_id: str | None = None, tags: Mapping[str, str] | None = None,
     ) -> TrialRun:
         """Continue the trial's run (by id from a checkpoint, else by key and digest) or
-        create it. A FINISHED run is returned untouched (`finished` is True): the caller skips
-        the work.
+        create it with `tags` (e.g. `lineage.source_tags`). A FINISHED run is returned
+        untouched (`finished` is True): the caller skips the work.
         """
         parent = client.get_run(parent_run_id)
         run = _existing(client, run_id)
@@ -78,7 +91,9 @@ class TrialRun:
                 tags={
                     TAG_PARENT: parent_run_id, TAG_SWEEP: sweep, TAG_ROLE: "trial",
                     TAG_KEY: trial.key, TAG_DIGEST: trial.digest,
-                    TAG_OVERRIDES: json.dumps(trial.overrides, sort_keys=True), **versions(),
+                    TAG_OVERRIDES: json.dumps(trial.overrides, sort_keys=True),
+                    TAG_NOTE: lineage.describe_trial(sweep, trial), **lineage.versions(),
+                    **(tags or {}),
                 },
             )
         opened = cls(client, run)
@@ -92,6 +107,7 @@ class TrialRun:
         client.update_run(run.info.run_id, status="RUNNING")
         client.set_tag(run.info.run_id, TAG_ATTEMPT, str(attempt))
         clear_failure(client, run)
+        opened._monitor = _system_metrics(client, run.info.run_id)
         return opened
 
     @property
@@ -104,7 +120,7 @@ class TrialRun:
     def log_iteration(self, step: int, metrics: Mapping[str, float]) -> None:
         """One optimisation step's metrics, unless this step was logged before a restart."""
         if step > self.logged_until:
-            self.log_metrics(step, {"iteration": step, **metrics})
+            self.log_metrics(step, metrics)
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -115,36 +131,75 @@ class TrialRun:
     def flush(self) -> None:
         while self._buffer:
             batch, self._buffer = self._buffer[:_MAX_METRICS], self._buffer[_MAX_METRICS:]
-            self.client.log_batch(self.run_id, metrics=batch)
+            newest = max(m.step for m in batch)
+            tags = [RunTag(TAG_ITERATION, str(newest))] if newest > self.logged_until else []
+            self.client.log_batch(self.run_id, metrics=batch, tags=tags)
+            self.logged_until = max(self.logged_until, newest)
 
-    def log_evaluation(self, evaluation: EvalResult, step: int) -> dict[str, float]:
-        """Per-network and summary accuracies of an evaluation; returns what was logged."""
+    def log_inputs(self, data: RealData) -> None:
+        """The dataset splits the trial reads, each with a digest (MLflow's Dataset column)."""
+        self.client.log_inputs(self.run_id, datasets=lineage.dataset_inputs(data))
+
+    def log_evaluation(self, evaluation: EvalResult) -> dict[str, float]:
+        """Per-network and summary accuracies (%) of an evaluation; returns what was logged.
+
+        At step 0, once per trial: MLflow then charts them as one bar per run, so runs compare
+        side by side instead of as single dots at each run's last step."""
         metrics = evaluation.metrics()
-        self.log_metrics(step, metrics)
+        self.log_metrics(0, metrics)
         self.flush()
         return metrics
 
     def log_outputs(self, synset_dir: Path, results_file: Path) -> None:
+        """The set and its results file as artifacts, and its grid as an image the UI shows."""
+        from PIL import Image
+
         self.client.log_artifacts(self.run_id, str(synset_dir), SYNSET_PATH)
         self.client.log_artifact(self.run_id, str(results_file))
+        if (synset_dir / GRID_FILE).is_file():
+            with Image.open(synset_dir / GRID_FILE) as grid:
+                # Pixels enlarged, not smoothed: a grid of 8x8 digits is 22 px wide.
+                scale = max(1, min(16, _PREVIEW_PX // min(grid.size)))
+                preview = grid.convert("RGB").resize(
+                    (grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+            self.client.log_image(self.run_id, preview, key=PREVIEW_KEY, step=0)
 
     def finish(self) -> None:
-        self.flush()
-        end_run(self.client, self.run_id, "FINISHED")
+        self._end("FINISHED")
 
-    def fail(self, reason: str, status: str = "FAILED", details: str | None = None) -> None:
-        """End FAILED with the reason, keeping the curve up to the failure; `details` (the
-        traceback) goes to the run as `ERROR_FILE`, so a log needs only the one-line reason."""
+    def _end(self, status: str, reason: str | None = None, details: str | None = None) -> None:
         try:
+            if self._monitor is not None:  # its last samples land before the run ends
+                self._monitor.finish()
+                self._monitor = None
             self.flush()
             if details:
                 self.client.log_text(self.run_id, details, ERROR_FILE)
         finally:
             end_run(self.client, self.run_id, status, reason)
 
+    def fail(self, reason: str, details: str | None = None) -> None:
+        """End FAILED with the reason, keeping the curve up to the failure; `details` (the
+        traceback) goes to the run as `ERROR_FILE`, so a log needs only the one-line reason."""
+        self._end("FAILED", reason, details)
+
     def stop(self, reason: str) -> None:
         """Interrupted, not broken: KILLED; the next launch continues this run."""
-        self.fail(reason, status="KILLED")
+        self._end("KILLED", reason)
+
+
+def _system_metrics(client: MlflowClient, run_id: str) -> Any:
+    """MLflow's system-metrics monitor, started for `run_id`; None without psutil. Its thread
+    stops when the run ends (`TrialRun._end`), or by itself once the run is no longer RUNNING.
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides the interval."""
+    if importlib.util.find_spec("psutil") is None:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_EVERY_S,
+                                   resume_logging=True, tracking_uri=client.tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def _existing(client: MlflowClient, run_id: str | None) -> Run | None:
@@ -157,4 +212,4 @@ def _existing(client: MlflowClient, run_id: str | None) -> Run | None:
     return run if run.info.lifecycle_stage == "active" else None
 
 
-__all__ = ["ERROR_FILE", "TrialRun", "flatten"]
+__all__ = ["ERROR_FILE", "PREVIEW_KEY", "TrialRun", "flatten"]

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
 RESULTS_FILE = "result.json"  # Tune's per-trial result rows (JSON lines)
 CHECKPOINT_KEY = "checkpoint_dir_name"  # in a row that came with a checkpoint
+STATE_GLOB = "experiment_state-*.json"  # Tune's experiment state, one per (re)launch
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d{6}")
 
 
 def unsafe_files(folder: Path) -> list[str]:
@@ -33,22 +36,47 @@ def unsafe_files(folder: Path) -> list[str]:
 
 
 def missing_checkpoints(folder: Path) -> list[str]:
-    """Trial folders whose newest reported checkpoint folder no longer exists."""
+    """Trial folders whose newest checkpoint folder no longer exists. The newest is the latest
+    named in the trial's result rows or in Tune's newest experiment state, whichever is later:
+    a kill can leave the rows unwritten while the state already names the checkpoint."""
     missing = []
-    for results in sorted(folder.glob(f"*/{RESULTS_FILE}")):
-        newest = None
-        try:
-            with open(results, encoding="utf-8") as rows:
-                for line in rows:
-                    try:
-                        newest = json.loads(line).get(CHECKPOINT_KEY) or newest
-                    except (ValueError, AttributeError):
-                        continue  # a row cut short by a kill
-        except OSError:
-            continue
-        if newest and not (results.parent / newest).is_dir():
-            missing.append(f"{results.parent.name}/{newest}")
+    named = _checkpoints_in_state(folder)
+    for trial in sorted(p for p in folder.iterdir() if p.is_dir()):
+        checkpoints = named.get(trial.name, set()) | _checkpoints_in_results(trial / RESULTS_FILE)
+        if checkpoints and not (trial / max(checkpoints)).is_dir():
+            missing.append(f"{trial.name}/{max(checkpoints)}")
     return missing
+
+
+def _checkpoints_in_results(results: Path) -> set[str]:
+    found = set()
+    try:
+        with open(results, encoding="utf-8") as rows:
+            for line in rows:
+                try:
+                    found.add(json.loads(line).get(CHECKPOINT_KEY))
+                except (ValueError, AttributeError):
+                    continue  # a row cut short by a kill
+    except OSError:
+        pass
+    return found - {None}
+
+
+def _checkpoints_in_state(folder: Path) -> dict[str, set[str]]:
+    """Checkpoint folder names each trial's entry in the newest experiment state mentions
+    (read as JSON text only: the entries' own encoding is Tune's)."""
+    states = sorted(folder.glob(STATE_GLOB))  # the names end in a sortable timestamp
+    try:
+        entries = json.loads(states[-1].read_text(encoding="utf-8"))["trial_data"]
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return {}
+    trials = [p.name for p in folder.iterdir() if p.is_dir()]
+    named: dict[str, set[str]] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        text = json.dumps(entry)
+        for trial in (t for t in trials if t in text):
+            named.setdefault(trial, set()).update(CHECKPOINT_NAME.findall(text))
+    return named
 
 
 def restore_blockers(folder: Path) -> list[str]:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from mim4dd.config import Config
 from mim4dd.data import DEBIAN_FASHION_MNIST, load_dataset
@@ -94,3 +95,20 @@ def ray_cluster():
     )
     yield
     ray.shutdown()
+
+
+def mim_share_of_first_step(make) -> tuple[float, float, float]:
+    """For distillers `make()` builds alike: the MIM term's share of the image gradient the
+    first step applied, measured from the images' change (|G - grad L_base| / |grad L_base|,
+    G = (before - after) / lr_img: plain SGD's first step), the step's own `mim_grad_ratio`,
+    and |grad L_MIM| / |grad L_base| computed directly by autograd."""
+    probe = make()
+    base, mim, _ = probe.terms(probe.batch(0))
+    base_grad = torch.autograd.grad(base, probe.images, retain_graph=True)[0]
+    mim_grad = torch.autograd.grad(mim, probe.images)[0]
+    stepped = make()
+    before = stepped.images.detach().clone()
+    metrics = stepped.step()
+    applied = (before - stepped.images.detach()) / stepped.config.lr_img
+    share = float((applied - base_grad).norm() / base_grad.norm())
+    return share, metrics["mim_grad_ratio"], float(mim_grad.norm() / base_grad.norm())

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("mlflow")
-from orchestrator import aggregate, tracking  # noqa: E402
+from orchestrator import aggregate, paired, tracking  # noqa: E402
 
 # lam=0:   seed 0 nets (.5, .7) -> .6;  seed 1 (.8, .8) -> .8
 # lam=0.8: seed 0 (.9, .9) -> .9;  seed 1 (.6, .8) -> .7;  seed 2 (.8, 1.0) -> .9
@@ -25,7 +25,7 @@ def frame(accuracies=ACCURACIES) -> pd.DataFrame:
     rows = []
     for (lam, seed), nets in accuracies.items():
         row = {"trial_key": f"lam={lam:g},seed={seed}", "lam": lam, "seed": seed}
-        row |= {f"test_acc_net{i}": a for i, a in enumerate(nets)}
+        row |= {f"test_acc_net{i}_pct": 100 * a for i, a in enumerate(nets)}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -35,26 +35,35 @@ def test_seed_level_and_pooled_by_hand():
     assert list(summary.columns) == ["lam", *aggregate.SUMMARY_COLUMNS]
     rows = summary.to_dict("records")
     # lam=0: per-seed means .6, .8 -> 70 ± 10; pooled .5 .7 .8 .8 -> 70 ± sqrt(.015)
+    # It is the baseline: no difference.
     assert rows[0] == pytest.approx({
         "lam": 0.0, "n_seeds": 2, "n_nets": 4,
         "seed_level_mean_pct": 70.0, "seed_level_std_pct": 10.0,
-        "pooled_mean_pct": 70.0, "pooled_std_pct": 100 * math.sqrt(0.015),
-    })
+        "pooled_mean_pct": 70.0, "pooled_std_pct": 100 * math.sqrt(0.015), "n_pairs": 0,
+        **dict.fromkeys(paired.COLUMNS[1:], math.nan),
+    }, nan_ok=True)
     # lam=0.8: per-seed .9 .7 .9 -> 83.33 ± 100*sqrt(.02667/3);
-    # pooled .9 .9 .6 .8 .8 1.0 -> 83.33 ± 100*sqrt(.09333/6)
+    # pooled .9 .9 .6 .8 .8 1.0 -> 83.33 ± 100*sqrt(.09333/6).
+    # Paired with lam=0 on seeds 0 and 1 (seed 2 has no twin): d = 90-60, 70-80 = 30, -10;
+    # mean 10, sd 20*sqrt(2), 95 % CI 10 ± t(.975, 1) * 20 = 10 ± 12.706 * 20.
     assert rows[1] == pytest.approx({
         "lam": 0.8, "n_seeds": 3, "n_nets": 6,
         "seed_level_mean_pct": 250 / 3, "seed_level_std_pct": 100 * math.sqrt(0.08 / 9),
         "pooled_mean_pct": 250 / 3, "pooled_std_pct": 100 * math.sqrt(0.28 / 18),
+        "n_pairs": 2, "diff_vs_lam0_mean_pct": 10.0,
+        "diff_vs_lam0_ci95_low_pct": 10 - 12.7062047 * 20,
+        "diff_vs_lam0_ci95_high_pct": 10 + 12.7062047 * 20,
     })
 
 
 def test_two_axes_a_missing_network_and_no_axis():
     rows = [
-        {"dataset": "digits", "lam": 0.8, "seed": 0, "test_acc_net0": 0.4, "test_acc_net1": 0.6},
-        {"dataset": "digits", "lam": 0.8, "seed": 1, "test_acc_net0": 0.2,
-         "test_acc_net1": float("nan")},
-        {"dataset": "MNIST", "lam": 0.8, "seed": 0, "test_acc_net0": 0.9, "test_acc_net1": 0.9},
+        {"dataset": "digits", "lam": 0.8, "seed": 0, "test_acc_net0_pct": 40,
+         "test_acc_net1_pct": 60},
+        {"dataset": "digits", "lam": 0.8, "seed": 1, "test_acc_net0_pct": 20,
+         "test_acc_net1_pct": float("nan")},
+        {"dataset": "MNIST", "lam": 0.8, "seed": 0, "test_acc_net0_pct": 90,
+         "test_acc_net1_pct": 90},
     ]
     summary = aggregate.summarize(pd.DataFrame(rows), ["dataset", "lam", "seed"])
     by_dataset = {r["dataset"]: r for r in summary.to_dict("records")}
@@ -66,6 +75,7 @@ def test_two_axes_a_missing_network_and_no_axis():
     assert digits["pooled_mean_pct"] == pytest.approx(40.0)
     assert digits["pooled_std_pct"] == pytest.approx(100 * math.sqrt(0.08 / 3))
     assert by_dataset["MNIST"]["seed_level_std_pct"] == 0.0
+    assert digits["n_pairs"] == 0 and math.isnan(digits["diff_vs_lam0_mean_pct"])  # no twin
 
     # a sweep over seeds only is one cell
     only = aggregate.summarize(frame({(0.8, 0): [0.5, 0.7], (0.8, 1): [0.8, 0.8]}), ["seed"])
@@ -75,8 +85,8 @@ def test_two_axes_a_missing_network_and_no_axis():
 
 def fake_run(key, overrides, params, accuracies, start, status="FINISHED"):
     tags = {tracking.TAG_KEY: key, tracking.TAG_OVERRIDES: json.dumps(overrides)}
-    metrics = {f"eval/test_acc_net{i}": a for i, a in enumerate(accuracies)}
-    metrics["eval/test_acc_mean"] = sum(accuracies) / len(accuracies)
+    metrics = {f"eval/test_acc_net{i}_pct": a for i, a in enumerate(accuracies)}
+    metrics["eval/test_acc_mean_pct"] = sum(accuracies) / len(accuracies)
     return SimpleNamespace(
         info=SimpleNamespace(run_id=f"id-{key}-{start}", status=status, start_time=start),
         data=SimpleNamespace(tags=tags, params=params, metrics=metrics),
@@ -101,10 +111,10 @@ def test_trial_frame_from_runs():
     assert axes == ["lam", "seed", "lr_milestones"]
     rows = {r["trial_key"]: r for r in table.to_dict("records")}
     assert set(rows) == {"lam=0,seed=0", "lam=0.8,seed=0", "seed=7", "x"}
-    assert rows["lam=0,seed=0"]["test_acc_net1"] == 0.7
+    assert rows["lam=0,seed=0"]["test_acc_net1_pct"] == 0.7
     assert rows["seed=7"]["lam"] == 0.8 and rows["seed=7"]["seed"] == 7
     assert rows["x"]["lr_milestones"] == "[1, 2]"  # lists become text, so cells can group
-    assert math.isnan(rows["x"]["test_acc_net1"])
+    assert math.isnan(rows["x"]["test_acc_net1_pct"])
 
 
 def test_report_files(tmp_path):
@@ -115,11 +125,32 @@ def test_report_files(tmp_path):
     names = sorted(p.name for p in files)
     # a plot for the numeric axis, none for the dataset names
     assert names == ["accuracy_vs_lam.png", "summary.csv", "summary.md", "trials.csv"]
-    assert pd.read_csv(tmp_path / "summary.csv").shape == (len(summary), 8)
+    assert pd.read_csv(tmp_path / "summary.csv").shape == (len(summary), 12)
     markdown = (tmp_path / "summary.md").read_text().splitlines()
     assert markdown[0] == "# demo"
     assert markdown[2].startswith("| dataset | lam | seeds | test acc % seed-level")
-    # digits, lam 0.8: seeds 0 and 2, both .9; pooled .9 .9 .8 1.0 -> 90 ± sqrt(.005)
-    assert "| digits | 0.8 | 2 | 90.00 ± 0.00 | 90.00 ± 7.07 | 4 |" in markdown
+    # digits, lam 0.8: seeds 0 and 2, both .9; pooled .9 .9 .8 1.0 -> 90 ± sqrt(.005); its
+    # lam-0 twin ran seeds 0 (.6) and 1, so one pair: +30, no interval
+    assert ("| digits | 0.8 | 2 | 90.00 ± 0.00 | 90.00 ± 7.07 | 4 | +30.00 (1 seed: no CI) |"
+            in markdown)
+    assert "| digits | 0 | 1 | 60.00 ± 0.00 | 60.00 ± 10.00 | 2 | baseline |" in markdown
+    assert markdown[-1] == aggregate.LEGEND
     with Image.open(tmp_path / "accuracy_vs_lam.png") as image:
         assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_student_t_without_scipy_and_the_parent_metrics():
+    # The fallback table is Student's t; between its rows it errs wide (a smaller df).
+    from scipy.stats import t
+
+    for df in (1, 2, 4, 9, 30, 120):
+        assert paired._T975[df] == pytest.approx(t.ppf(0.975, df), abs=1e-3)
+    assert paired.t975(5) == pytest.approx(2.5706, abs=1e-4)
+
+    summary = aggregate.summarize(frame(), ["lam", "seed"])
+    metrics = aggregate.cell_metrics(summary)
+    assert metrics["cell/lam_0/seed_level_mean_pct"] == pytest.approx(70.0)
+    assert metrics["cell/lam_0.8/diff_vs_lam0_mean_pct"] == pytest.approx(10.0)
+    assert metrics["cell/lam_0.8/n_pairs"] == 2
+    assert "cell/lam_0/diff_vs_lam0_mean_pct" not in metrics  # the baseline has none
+    assert len(metrics) == 10 + 7  # every number of both cells, none missing

@@ -2,9 +2,11 @@
 
 import json
 
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 from mim4dd.cli import app
+from mim4dd.experiment import run_experiment
 from mim4dd.synset import SyntheticSet
 
 TINY = ["--dataset", "digits", "--ipc", "1", "--iterations", "3", "--batch-real", "8",
@@ -36,6 +38,27 @@ def test_distill_then_evaluate(tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads((out / "evaluation.json").read_text())
     assert report["eval"]["num_nets"] == 1 and len(report["evaluation"]["test_accuracies"]) == 1
+
+
+def test_evaluate_a_saved_set_on_several_architectures(tmp_path, digits):
+    out = tmp_path / "set"
+    run_experiment(tiny_config(iterations=1), digits, evaluate=False).save(out)
+    runner = CliRunner()
+    args = ["evaluate", str(out), "--models", "convnet, mlp", "--epochs", "1", "--num-nets", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if "convnet" in line or "mlp" in line]
+    assert len(rows) >= 2 and "architecture" in result.stdout  # the table, on stdout
+    assert "mlp network 1: test" in result.stderr and "network 1" not in result.stdout
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["eval"]["models"] == ["convnet", "mlp"]
+    assert list(report["evaluation"]["architectures"]) == ["convnet", "mlp"]
+
+    bad = runner.invoke(app, ["evaluate", str(out), "--models", "convnet,vgg16"])
+    assert bad.exit_code == 2 and "allowed: convnet" in bad.output
+    assert "Traceback" not in bad.output
+    unfit = runner.invoke(app, ["evaluate", str(out), "--models", "lenet"])
+    assert unfit.exit_code == 2 and "lenet: cannot take 1x8x8 images" in unfit.output
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

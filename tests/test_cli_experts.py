@@ -23,6 +23,7 @@ def test_mtt_needs_the_experts_command_then_distills(tmp_path):
     trained = runner.invoke(app, ["experts", "--dataset", "digits", *MTT, *buffer])
     assert trained.exit_code == 0, trained.output
     assert "2 trajectories x 3 checkpoints" in trained.output
+    assert "expert 2/2 trained" in trained.output  # not a terminal: a progress line per expert
 
     done = runner.invoke(app, distill)
     assert done.exit_code == 0, done.output

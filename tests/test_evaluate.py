@@ -1,8 +1,27 @@
+import dataclasses
+import json
+
 import pytest
 import torch
 from conftest import tiny_config
 
-from mim4dd.experiment import evaluator_for
+from mim4dd.distill import Distiller
+from mim4dd.evaluate import (
+    TEST_ACC_MEAN,
+    TEST_ACC_STD,
+    VAL_ACC_MEAN,
+    NetResult,
+    arch_metric,
+    metric_architecture,
+    net_metric,
+)
+from mim4dd.experiment import (
+    evaluate_random_baseline,
+    evaluator_for,
+    finished_in,
+    random_real_subset,
+    run_experiment,
+)
 
 
 def _set(digits, ipc=5):
@@ -50,3 +69,118 @@ def test_batch_norm_networks_can_be_evaluated(digits):
     config = tiny_config(model={"width": 8, "norm": "batch"}, eval={"epochs": 2, "num_nets": 2})
     result = evaluator_for(config, digits).evaluate(images, labels)
     assert len(result.test_accuracies) == 2
+
+
+# --- the evaluation pool: several architectures, batch norm, resuming --------------------
+
+def test_the_default_evaluation_keeps_its_metric_names_and_json(digits):
+    images, labels = _set(digits, ipc=1)
+    result = evaluator_for(tiny_config(eval={"epochs": 1, "num_nets": 2}), digits).evaluate(
+        images, labels)
+    assert not result.per_architecture
+    assert set(result.metrics()) == {net_metric(s, i) for s in ("test", "val") for i in (0, 1)} | {
+        TEST_ACC_MEAN, TEST_ACC_STD, VAL_ACC_MEAN}
+    assert list(result.to_dict()) == ["test_accuracies", "val_accuracies", "lr", "mean", "std",
+                                      "val_mean"]
+
+
+def test_two_architectures_give_per_architecture_results(digits):
+    images, labels = _set(digits, ipc=2)
+    config = tiny_config(eval={"epochs": 2, "num_nets": 2, "models": ["convnet", "mlp"]})
+    result = evaluator_for(config, digits).evaluate(images, labels)
+    assert result.per_architecture and list(result.by_architecture) == ["convnet", "mlp"]
+    convnet, mlp = result.by_architecture.values()
+    assert convnet is result and len(mlp.test_accuracies) == 2
+    # The ConvNet is the same one a plain ConvNet evaluation trains.
+    alone = evaluator_for(tiny_config(eval={"epochs": 2, "num_nets": 2}), digits)
+    assert alone.evaluate(images, labels).test_accuracies == convnet.test_accuracies
+
+    metrics = result.metrics()
+    assert metrics[TEST_ACC_MEAN] == pytest.approx(100 * convnet.mean)  # the headline
+    for arch, part in result.by_architecture.items():
+        assert metrics[arch_metric(arch, TEST_ACC_MEAN)] == pytest.approx(100 * part.mean)
+        assert metrics[arch_metric(arch, net_metric("test", 1))] == pytest.approx(
+            100 * part.test_accuracies[1])
+    assert metric_architecture(arch_metric("mlp", TEST_ACC_STD)) == ("mlp", TEST_ACC_STD)
+    assert metric_architecture(TEST_ACC_STD) == (None, TEST_ACC_STD)
+    saved = result.to_dict()
+    assert saved["test_accuracies"] == convnet.test_accuracies
+    assert saved["architectures"]["mlp"]["test_accuracies"] == mlp.test_accuracies
+    assert "mlp" in str(result) and "convnet" in str(result)
+
+
+def test_batch_norm_networks_test_in_eval_mode_with_running_statistics(digits):
+    images, labels = _set(digits, ipc=3)  # 30 images, batches of 16: 2 steps an epoch
+    config = tiny_config(model={"width": 8, "norm": "batch"},
+                         eval={"epochs": 2, "num_nets": 2, "batch_size": 16})
+    evaluator = evaluator_for(config, digits)
+    ensemble = evaluator._train("convnet", [0], images, labels, 0.01)
+    norms = [m for m in ensemble.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 4 for m in norms)
+    stats = [m.running_mean.clone() for m in norms]
+    accuracy = evaluator._accuracy(ensemble, digits.test)
+    # What the reference does: eval mode, the running statistics, which testing leaves alone.
+    assert not ensemble.net.training
+    with torch.no_grad():
+        predicted = ensemble.net(digits.test.images).argmax(-1)
+    assert accuracy == [(predicted == digits.test.labels).sum().item() / len(digits.test)]
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(norms, stats, strict=True))
+    # Networks with running statistics never train stacked under vmap: the same numbers.
+    together = evaluator.evaluate(images, labels, parallel=True)
+    assert together.test_accuracies == evaluator.evaluate(images, labels).test_accuracies
+
+
+def test_a_resumed_evaluation_equals_an_uninterrupted_one(digits):
+    images, labels = _set(digits, ipc=2)
+    config = tiny_config(eval={"epochs": 2, "num_nets": 2, "models": ["mlp", "convnet"]})
+    whole = evaluator_for(config, digits).evaluate(images, labels)
+
+    class Stop(Exception):
+        pass
+
+    saved = []  # what a checkpoint holds: JSON, one entry per finished network
+
+    def save_then_stop(net: NetResult):
+        saved.append(json.dumps(dataclasses.asdict(net)))
+        if len(saved) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        evaluator_for(config, digits).evaluate(images, labels, on_network=save_then_stop)
+    done = [NetResult(**json.loads(text)) for text in saved]
+    trained = []
+    resumed = evaluator_for(config, digits).evaluate(images, labels, done=done,
+                                                     on_network=trained.append)
+    assert [(n.architecture, n.index) for n in trained] == [("convnet", 1)]  # only the rest
+    assert resumed.to_dict() == whole.to_dict() and resumed.metrics() == whole.metrics()
+
+    stranger = dataclasses.replace(done[0], seed=99)
+    with pytest.raises(ValueError, match="not one of this evaluation's"):
+        evaluator_for(config, digits).evaluate(images, labels, done=[stranger])
+
+
+def test_random_real_baseline_is_the_distillation_start(digits):
+    config = tiny_config(ipc=2, eval={"epochs": 1, "num_nets": 1})
+    images, labels = random_real_subset(config, digits)
+    assert torch.equal(images, Distiller(config, digits).images.detach())
+    assert torch.equal(labels, torch.arange(10).repeat_interleave(2))
+    other, _ = random_real_subset(config, digits, seed=1)
+    assert not torch.equal(other, images)
+    baseline = evaluate_random_baseline(config, digits)
+    direct = evaluator_for(config, digits).evaluate(images, labels)
+    assert baseline.to_dict() == direct.to_dict() and baseline.lr == config.eval.lr
+
+
+def test_a_pool_network_that_cannot_take_the_images_fails_before_distilling(digits):
+    config = tiny_config(eval={"models": ["convnet", "vgg11"]})
+    with pytest.raises(ValueError, match="vgg11: cannot take 1x8x8 images"):
+        run_experiment(config, digits)
+
+
+def test_results_from_before_eval_models_still_count_as_finished(tmp_path):
+    config = tiny_config()
+    old = config.model_dump(mode="json")
+    del old["eval"]["models"]
+    (tmp_path / "results.json").write_text(json.dumps({"config": old}))
+    assert finished_in(tmp_path, config)
+    assert not finished_in(tmp_path, tiny_config(eval={"models": ["mlp"]}))

@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import mim_share_of_first_step, tiny_config
 
 from mim4dd.distill import Distiller
 from mim4dd.objectives import MIMTerm, nce_loss
@@ -100,3 +101,20 @@ def test_only_selected_blocks_get_heads(digits):
     assert distiller.mim.syn_heads[0].in_features == 8  # width 8 x 1 x 1
     _, metrics = distiller.loss(distiller.batch(0))
     assert "loss_mim_block3" in metrics and "loss_mim_block1" not in metrics
+
+
+@pytest.mark.parametrize("base", ["dm", "dc"])
+def test_the_step_applies_lambda_times_the_mim_gradient_and_logs_its_share(digits, base):
+    share, logged, mim_over_base = mim_share_of_first_step(
+        lambda: Distiller(tiny_config(base=base, lam=0.8), digits))
+    assert share == pytest.approx(0.8 * mim_over_base, rel=1e-3)
+    assert logged == pytest.approx(share, rel=1e-3)
+
+
+@pytest.mark.parametrize("base", ["dm", "dc"])
+@pytest.mark.parametrize("lam", [0.1, 2.0])
+def test_relative_mode_gives_the_mim_term_lambda_times_the_base_gradient(digits, base, lam):
+    share, logged, mim_over_base = mim_share_of_first_step(
+        lambda: Distiller(tiny_config(base=base, lam=lam, lam_mode="relative"), digits))
+    assert share == pytest.approx(lam, rel=1e-3) and logged == pytest.approx(lam, rel=1e-3)
+    assert mim_over_base != pytest.approx(1.0, rel=0.05)  # the raw scales differ: it rescaled

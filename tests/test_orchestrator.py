@@ -7,12 +7,14 @@ MLflow store (MIM4DD_HOME in tmp_path). Trials distill scikit-learn's 8x8 digits
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +27,9 @@ from mlflow import MlflowClient  # noqa: E402
 from processes import HAS_PROC, kill_session  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from mim4dd.evaluate import TEST_ACC_MEAN, TEST_ACC_STD, net_metric  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import queries, service, tracking, trial_run  # noqa: E402
+from orchestrator import lineage, queries, service, tracking, trial_run  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from sweep_helpers import (  # noqa: E402
@@ -35,15 +38,16 @@ from sweep_helpers import (  # noqa: E402
 
 
 def net_accuracies(run) -> list[float]:
-    metrics = run.data.metrics
-    return [metrics[f"eval/test_acc_net{i}"] for i in range(2)]
+    """The trial's per-network test accuracies, in percent as logged."""
+    return [run.data.metrics[net_metric("test", i)] for i in range(2)]
 
 
 @pytest.mark.slow
 def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
-    spec = load_spec(write_spec(tmp_path / "grid.yaml", "grid", {"lam": [0, 0.8], "seed": [0, 1]},
-                                checkpoint_every=3))
-    outcome = service.launch(spec, progress=False)
+    sweep_file = write_spec(tmp_path / "grid.yaml", "grid", {"lam": [0, 0.8], "seed": [0, 1]},
+                            checkpoint_every=3)
+    spec = load_spec(sweep_file)
+    outcome = service.launch(spec, progress=False, source=sweep_file)
 
     assert outcome.status == "FINISHED"
     assert sorted(outcome.finished) == sorted(t.key for t in spec.trials())
@@ -58,6 +62,18 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     assert client.get_experiment(parent.info.experiment_id).name == "mim4dd"
     assert len(children) == 4
     assert sorted(r.data.tags[tracking.TAG_KEY] for r in children) == sorted(outcome.finished)
+    # what the parent shows in the MLflow UI: the grid, where it came from, what it is
+    assert parent.data.params == {"grid.lam": "[0, 0.8]", "grid.seed": "[0, 1]"}
+    assert parent.data.tags["mlflow.source.name"] == str(sweep_file)
+    if (ROOT / ".git").exists():  # a clone: the commit the code ran at
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert parent.data.tags["mlflow.source.git.commit"] == head
+        assert children[0].data.tags["mlflow.source.git.commit"] == head
+    assert "`diff_vs_lam0_mean_pct`" in parent.data.tags[tracking.TAG_NOTE]
+    logged_file = client.download_artifacts(parent.info.run_id, "sweep.yaml", str(tmp_path))
+    assert Path(logged_file).read_text() == sweep_file.read_text()
+    digests = set()
     for run in children:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         assert run.info.status == "FINISHED"
@@ -73,32 +89,59 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
         assert tags[tracking.TAG_KEY] == f"lam={lam:g},seed={params['seed']}"
         history = client.get_metric_history(run.info.run_id, "loss")
         assert sorted(m.step for m in history) == list(range(1, 7))
+        assert "iteration" not in metrics and tags[tracking.TAG_ITERATION] == "6"
         assert ("loss_mim" in metrics) == (lam > 0) and ("loss_mim_block3" in metrics) == (lam > 0)
         assert "loss_base" in metrics
         accs = net_accuracies(run)
-        assert metrics["eval/test_acc_mean"] == pytest.approx(np.mean(accs))
-        assert metrics["eval/test_acc_std"] == pytest.approx(np.std(accs))
-        assert {"eval/val_acc_net0", "eval/val_acc_net1"} <= set(metrics)
+        results = json.loads(Path(client.download_artifacts(
+            run.info.run_id, "results.json", str(tmp_path / run.info.run_id))).read_text())
+        assert accs == pytest.approx([100 * a for a in results["evaluation"]["test_accuracies"]])
+        assert metrics[TEST_ACC_MEAN] == pytest.approx(np.mean(accs))
+        assert metrics[TEST_ACC_STD] == pytest.approx(np.std(accs))
+        assert {net_metric("val", 0), net_metric("val", 1)} <= set(metrics)
+        assert metrics["peak_rss_mb"] > 100  # a worker with torch loaded: hundreds of MB
+        # once, at step 0: runs compare as bars, not as dots at their last step
+        assert [m.step for m in client.get_metric_history(run.info.run_id, TEST_ACC_MEAN)] == [0]
+        assert f"`lam={lam:g},seed={params['seed']}` of sweep **grid**" in tags[tracking.TAG_NOTE]
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"training", "validation", "test"}
+        assert {d.name for d in inputs.values()} == {"digits"}
+        digests.add(tuple(inputs[c].digest for c in ("training", "validation", "test")))
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert names == {"synset", "results.json"}
+        assert names == {"synset", "results.json", "images"}
+        preview = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+        assert any(p.startswith(f"images/{trial_run.PREVIEW_KEY}+step+0") and p.endswith(".png")
+                   for p in preview), preview
         synset_files = {a.path for a in client.list_artifacts(run.info.run_id, "synset")}
         assert synset_files == {"synset/synset.safetensors", "synset/manifest.json",
                                 "synset/grid.png"}
+    assert len(digests) == 1  # one dataset, split alike: one digest per split for all trials
 
     # the aggregate: by hand from the logged per-network accuracies
-    expected = {}
+    expected, seed_means = {}, {}
     for lam in (0.0, 0.8):
-        runs = [r for r in children if float(r.data.params["lam"]) == lam]
-        per_seed = [np.mean(net_accuracies(r)) for r in runs]
+        runs = sorted((r for r in children if float(r.data.params["lam"]) == lam),
+                      key=lambda r: int(r.data.params["seed"]))
+        seed_means[lam] = per_seed = [np.mean(net_accuracies(r)) for r in runs]
         pooled = [a for r in runs for a in net_accuracies(r)]
-        expected[lam] = [2, 4, 100 * np.mean(per_seed), 100 * np.std(per_seed),
-                         100 * np.mean(pooled), 100 * np.std(pooled)]
+        expected[lam] = [2, 4, np.mean(per_seed), np.std(per_seed), np.mean(pooled),
+                         np.std(pooled), 0, np.nan, np.nan, np.nan]
+    # lam 0.8 against the same seeds at lam 0: paired, Student t with 1 degree of freedom
+    diffs = np.subtract(seed_means[0.8], seed_means[0.0])
+    half = 12.7062047 * np.std(diffs, ddof=1) / np.sqrt(2)
+    expected[0.8][6:] = [2, np.mean(diffs), np.mean(diffs) - half, np.mean(diffs) + half]
     for summary in (outcome.summary, _logged_summary(client, parent.info.run_id, tmp_path)):
         assert list(summary.columns) == ["lam", "n_seeds", "n_nets", "seed_level_mean_pct",
                                          "seed_level_std_pct", "pooled_mean_pct",
-                                         "pooled_std_pct"]
+                                         "pooled_std_pct", "n_pairs", "diff_vs_lam0_mean_pct",
+                                         "diff_vs_lam0_ci95_low_pct",
+                                         "diff_vs_lam0_ci95_high_pct"]
         for row in summary.to_dict("records"):
-            assert list(row.values())[1:] == pytest.approx(expected[row["lam"]])
+            assert list(row.values())[1:] == pytest.approx(expected[row["lam"]], nan_ok=True)
+    parent = client.get_run(parent.info.run_id)  # its metrics: every number of the table
+    assert parent.data.metrics["cell/lam_0.8/diff_vs_lam0_mean_pct"] == pytest.approx(
+        np.mean(diffs))
+    assert parent.data.metrics["cell/lam_0/seed_level_std_pct"] == pytest.approx(expected[0][3])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "aggregate")}
     assert {"aggregate/summary.csv", "aggregate/summary.md", "aggregate/trials.csv",
             "aggregate/accuracy_vs_lam.png", "aggregate/summary.json"} <= artifacts
@@ -123,9 +166,17 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     # status and report read the same store
     status = CliRunner().invoke(app, ["status", "grid"])
     assert status.exit_code == 0 and "4/4 done" in status.output, status.output
+    # the link opens the sweep's saved view: its runs sorted by lam, lam/seed/accuracy columns
     link = queries.sweep_link("grid", "http://127.0.0.1:5000/")
-    assert link == f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs"
-    kind = client.get_experiment(parent.info.experiment_id).tags[tracking.TAG_EXPERIMENT_KIND]
+    assert link == (f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs"
+                    "?viewStateShareKey=mim4dd-grid&workflowType=machine_learning")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    view = json.loads(experiment.tags["mlflow.sharedViewState.mim4dd-grid"])
+    state = json.loads(zlib.decompress(base64.b64decode(view["state"].removeprefix("deflate;"))))
+    assert state["orderByKey"] == "params.`lam`" and state["searchFilter"].endswith("'grid'")
+    assert {"params.`lam`", "params.`seed`", f"metrics.`{TEST_ACC_MEAN}`"} <= set(
+        state["selectedColumns"])
+    kind = experiment.tags[tracking.TAG_EXPERIMENT_KIND]
     assert kind == "custom_model_development"  # MLflow 3 opens its runs table, not GenAI
     [listed] = queries.list_sweeps()
     assert (listed["sweep"], listed["status"], listed["finished"]) == ("grid", "FINISHED", "4/4")
@@ -143,12 +194,19 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     expected = list(table["seed_level_mean_pct"])
     assert [r["seed_level_mean_pct"] for r in rows] == pytest.approx(expected)
 
+    assert "Δ vs λ = 0" in report.output and "baseline" in report.output
+
     # a relaunch of a finished sweep re-runs nothing and adds no run
     again = service.launch(spec, progress=False)
     assert sorted(again.skipped) == sorted(outcome.finished) and again.status == "FINISHED"
     assert len(sweep_runs(uri, "grid")[2]) == 4
     assert len(tracking.search_all(client, [parent.info.experiment_id],
                                    "tags.`mim4dd.role` = 'sweep'")) == 1
+    # the MLflow table is replaced, not appended to (MLflow's log_table appends)
+    table = client.download_artifacts(parent.info.run_id, "aggregate/summary.json",
+                                      str(tmp_path / "again"))
+    assert len(pd.read_json(table, orient="split")) == 2
+    assert tracking.TAG_STALE_PARAMS not in client.get_run(parent.info.run_id).data.tags
 
 
 def _logged_summary(client, run_id: str, tmp_path: Path) -> pd.DataFrame:
@@ -408,3 +466,34 @@ def test_trials_that_never_get_resources_end_the_sweep(ray_cluster, home, tmp_pa
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "starved")
     assert parent.info.status == "FAILED" and not children
     assert "pending_timeout_s" in parent.data.tags[tracking.TAG_FAILURE]
+
+
+def test_a_trial_run_samples_system_metrics_and_leaves_no_thread(home, monkeypatch):
+    import threading
+
+    from mim4dd.config import Config
+    from orchestrator.expand import Trial
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    uri = tracking.resolve_tracking_uri()
+    client = tracking.connect(uri)
+    experiment = tracking.ensure_experiment(client, "sysmetrics", uri)
+    parent = tracking.open_sweep_run(client, experiment, "sys", {}, {"grid.seed": "[0]"})
+    trial = Trial("seed=0", {"seed": 0}, Config(dataset="digits", iterations=3))
+    run = trial_run.TrialRun.open(client, parent.info.run_id, "sys", trial,
+                                  tags=lineage.source_tags())
+    run.log_iteration(1, {"loss": 1.0})
+    wait_for(lambda: any(k.startswith("system/") for k in
+                         client.get_run(run.run_id).data.metrics), 30, "system metrics")
+    run.finish()
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED"
+    assert "system/cpu_utilization_percentage" in finished.data.metrics
+    assert finished.data.tags[tracking.TAG_ITERATION] == "1"
+
+    # A relaunch whose grid changed: MLflow keeps a param forever, so the parent says which.
+    again = tracking.open_sweep_run(client, experiment, "sys", {}, {"grid.seed": "[0, 1]",
+                                                                   "grid.lam": "[0]"})
+    assert again.data.params == {"grid.seed": "[0]", "grid.lam": "[0]"}
+    assert again.data.tags[tracking.TAG_STALE_PARAMS] == "grid.seed"

@@ -17,6 +17,7 @@ psycopg = pytest.importorskip("psycopg", reason="the sweep extra's PostgreSQL dr
 from processes import HAS_PROC, kill_session  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from mim4dd.evaluate import TEST_ACC_MEAN, TEST_ACC_STD  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
 from orchestrator import service, tracking  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
@@ -70,11 +71,11 @@ def test_a_sweep_through_the_postgres_server(ray_cluster, home, tmp_path, server
     assert parent.info.status == "FINISHED" and len(children) == 2
     for run in children:
         assert run.info.status == "FINISHED"
-        assert {"eval/test_acc_mean", "eval/test_acc_std", "loss"} <= set(run.data.metrics)
+        assert {TEST_ACC_MEAN, TEST_ACC_STD, "loss"} <= set(run.data.metrics)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert sorted(steps) == list(range(1, 7))  # every step once
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert names == {"synset", "results.json"}
+        assert names == {"synset", "results.json", "images"}  # images: the set's preview
 
     report = CliRunner().invoke(app, ["report", "pg", "--tracking-uri", server])
     assert report.exit_code == 0 and "seed-level" in report.output, report.output

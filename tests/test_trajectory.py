@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import run_interrupted, tiny_config
+from conftest import mim_share_of_first_step, run_interrupted, tiny_config
 
 from mim4dd.config import ModelConfig
 from mim4dd.distill import Distiller
@@ -106,3 +106,13 @@ def test_step_size_guard_stops_the_run(digits, experts):
     with pytest.raises(StepSizeError, match=r"step size became .* at iteration 0"):
         distiller.run()
     assert distiller.iteration == 0
+
+
+@pytest.mark.parametrize("mode, lam", [("absolute", 0.8), ("relative", 0.5)])
+def test_the_mim_share_of_the_image_gradient_is_logged_and_relative_mode_sets_it(
+    digits, experts, mode, lam
+):
+    share, logged, mim_over_base = mim_share_of_first_step(
+        lambda: Distiller(mtt_config(experts, lam=lam, lam_mode=mode), digits))
+    assert logged == pytest.approx(share, rel=1e-3)
+    assert share == pytest.approx(lam * mim_over_base if mode == "absolute" else lam, rel=1e-3)

@@ -35,6 +35,19 @@ def test_a_missing_newest_checkpoint_blocks_restore(tmp_path):
     assert "checkpoint lam=0_abc/checkpoint_000001 is gone" in reason
 
 
+def test_a_checkpoint_only_the_experiment_state_names_is_found_missing(tmp_path):
+    # A kill can leave the result rows unwritten while Tune's state already names the checkpoint.
+    folder, trial = make_experiment(tmp_path)
+    (trial / "result.json").write_text("")
+    state = {"trial_data": [[json.dumps({"trial_dir_name": trial.name,
+                                         "checkpoint": {"path": f"{trial}/checkpoint_000002"}}),
+                             "{}"]]}
+    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    assert missing_checkpoints(folder) == ["lam=0_abc/checkpoint_000002"]
+    (trial / "checkpoint_000002").mkdir()
+    assert missing_checkpoints(folder) == []
+
+
 def test_files_others_could_have_written_block_restore(tmp_path):
     folder, trial = make_experiment(tmp_path)
     os.chmod(folder / "tuner.pkl", 0o666)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from mim4dd.compiled import MaybeCompiled, block_features
 from mim4dd.models import build_model, memory_format
 from mim4dd.objectives.base import MatchingObjective, MatchOutput, StepBatch
 
@@ -15,6 +16,13 @@ REAL_CHUNK = 256
 
 
 class DistributionMatching(MatchingObjective):
+    def __init__(self, config, data, device):
+        super().__init__(config, data, device)
+        # Only the real images' no-grad forward (most of the step's work) is compiled: the
+        # synthetic side's graph is walked once per loss term (retain_graph), which compiled
+        # backward graphs got wrong in our test (torch 2.14: image gradients unlike eager).
+        self._real_features = MaybeCompiled(block_features, config.compile)
+
     def match(self, batch: StepBatch, with_features: bool) -> MatchOutput:
         info = self.data.info
         layout = memory_format(self.device)
@@ -26,9 +34,10 @@ class DistributionMatching(MatchingObjective):
         syn = self.dsa.apply(batch.syn, params, batch.syn_labels).contiguous(memory_format=layout)
 
         with torch.no_grad():
-            real_out = [self._embed(net, chunk, with_features) for chunk in real.split(REAL_CHUNK)]
+            real_out = [self._embed(self._real_features(net, chunk), with_features)
+                        for chunk in real.split(REAL_CHUNK)]
         real_embed = torch.cat([emb for emb, _ in real_out])
-        syn_embed, syn_features = self._embed(net, syn, with_features)
+        syn_embed, syn_features = self._embed(net.block_features(syn), with_features)
 
         real_means = _class_means(real_embed, batch.real_labels, info.num_classes)
         syn_means = _class_means(syn_embed, batch.syn_labels, info.num_classes)
@@ -38,8 +47,7 @@ class DistributionMatching(MatchingObjective):
         real_features = [torch.cat(parts) for parts in zip(*(f for _, f in real_out), strict=True)]
         return MatchOutput(base_loss, real_features, syn_features)
 
-    def _embed(self, net, images: torch.Tensor, with_features: bool):
-        maps = net.block_features(images)
+    def _embed(self, maps: list[torch.Tensor], with_features: bool):
         if not with_features:
             return maps[-1].flatten(1), []
         return maps[-1].flatten(1), self.taps(maps)
