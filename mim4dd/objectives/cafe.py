@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mim4dd.objectives.base import MatchOutput, StepBatch
+from mim4dd.objectives.distribution import class_means
 from mim4dd.objectives.gradient import GradientMatching
 
 # The reference code's layer weights: 0.1 on the first blocks' maps, 1 on the last block's,
@@ -51,11 +52,6 @@ def cafe_forward(net, images: torch.Tensor) -> tuple[list[torch.Tensor], list[to
         outputs.append(x)
     layers.append(x.flatten(1))
     return layers, outputs
-
-
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    sums = features.new_zeros(num_classes, features.shape[1]).index_add(0, labels, features)
-    return sums / torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1)
 
 
 def cafe_loss(

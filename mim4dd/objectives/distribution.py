@@ -39,8 +39,8 @@ class DistributionMatching(MatchingObjective):
         real_embed = torch.cat([emb for emb, _ in real_out])
         syn_embed, syn_features = self._embed(net.block_features(syn), with_features)
 
-        real_means = _class_means(real_embed, batch.real_labels, info.num_classes)
-        syn_means = _class_means(syn_embed, batch.syn_labels, info.num_classes)
+        real_means = class_means(real_embed, batch.real_labels, info.num_classes)
+        syn_means = class_means(syn_embed, batch.syn_labels, info.num_classes)
         base_loss = ((real_means - syn_means) ** 2).sum()
         if not with_features:
             return MatchOutput(base_loss)
@@ -53,7 +53,8 @@ class DistributionMatching(MatchingObjective):
         return maps[-1].flatten(1), self.taps(maps)
 
 
-def _class_means(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_means(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class mean rows of `embeddings` (num_classes x D; zero for an absent class)."""
     sums = embeddings.new_zeros(num_classes, embeddings.shape[1]).index_add(0, labels, embeddings)
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1)
     return sums / counts
