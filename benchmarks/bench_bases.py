@@ -1,14 +1,15 @@
-"""Seconds per distillation iteration of each base (dm, dc, mtt), at lam = 0 and lam > 0.
+"""Seconds per distillation iteration of each base (dm, dc, mtt, cafe), at lam = 0 and lam > 0.
 
-On real FashionMNIST (1 x 28 x 28, offline) at one IPC, six `Distiller`s are built on the same
-data: base dm, dc and mtt, each with ``lam=0`` and ``lam=--lam`` (0.8 by default). Each takes
-one warm-up step, then ``--steps`` timed steps. The six are timed *interleaved* (all six in one
+On real FashionMNIST (1 x 28 x 28, offline) at one IPC, eight `Distiller`s are built on the same
+data: base dm, dc, mtt and cafe, each with ``lam=0`` and ``lam=--lam`` (0.8 by default). Each takes
+one warm-up step, then ``--steps`` timed steps. The eight are timed *interleaved* (all eight in one
 order, then in the reverse order, ...), so that load from other processes on a shared machine
 falls on all alike; the table reports the median seconds per iteration of each and its ratio
 to dm at lam = 0 measured in the same run.
 
 * dc uses the engine's default outer/inner loop for the IPC (printed); its step includes the
-  inner loop, i.e. training the matching network `inner_loop` epochs on the synthetic set.
+  inner loop, i.e. training the matching network `inner_loop` epochs on the synthetic set;
+  cafe trains its network the same way (10 epochs between updates by default).
 * mtt needs an expert buffer: a small one is trained first in a temporary folder (``--experts``
   experts x ``--expert-epochs`` epochs on the whole training split) and its build time is
   reported apart. The trajectory's values do not change a step's cost, only its shapes do.
@@ -36,7 +37,7 @@ from mim4dd.data import load_dataset
 from mim4dd.distill import Distiller
 from mim4dd.experts import train_experts
 
-BASES = ["dm", "dc", "mtt"]
+BASES = ["dm", "dc", "mtt", "cafe"]
 
 
 @dataclass
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     device = prepare(args.device, args.threads)
 
     print(f"FashionMNIST, IPC {args.ipc}, batch_real {args.batch_real}, ConvNet-3 width "
-          f"{args.width}; {args.steps} timed steps after 1 warm-up, 6 configurations interleaved")
+          f"{args.width}; {args.steps} timed steps after 1 warm-up, "
+          f"{2 * len(BASES)} configurations interleaved")
     data = load_dataset("FashionMNIST")
     common = {
         "dataset": "FashionMNIST", "ipc": args.ipc, "batch_real": args.batch_real,
