@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import re
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +70,12 @@ def metric_architecture(name: str) -> tuple[str | None, str]:
     if match := ARCH_METRIC.match(name):
         return match[1], EVAL_PREFIX + match[2]
     return None, name
+
+
+def _percent(fraction: float) -> float:
+    # Rounded far below any accuracy's resolution: 0.29 shows as 29.0, not as
+    # 28.999999999999996 in the MLflow UI.
+    return round(100 * fraction, 9)
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,12 @@ class EvalResult:
                 found |= {arch_metric(arch, k): v for k, v in result._own_metrics().items()}
         return found
 
+    def architecture_metrics(self) -> dict[str, float]:
+        """Every architecture's metrics under its `arch_metric` names only, whichever the
+        headline: what an evaluation added to a run that has its headline already logs."""
+        return {arch_metric(arch, k): v for arch, result in self.by_architecture.items()
+                for k, v in result._own_metrics().items()}
+
     def _own_metrics(self) -> dict[str, float]:
         found = {net_metric("test", i): a for i, a in enumerate(self.test_accuracies)}
         found |= {net_metric("val", i): a for i, a in enumerate(self.val_accuracies)}
@@ -149,9 +161,7 @@ class EvalResult:
             found |= {TEST_ACC_MEAN: self.mean, TEST_ACC_STD: self.std}
         if self.val_accuracies:
             found[VAL_ACC_MEAN] = self.val_mean
-        # Percent, rounded far below any accuracy's resolution: 0.29 shows as 29.0, not as
-        # 28.999999999999996 in the MLflow UI.
-        return {name: round(100 * value, 9) for name, value in found.items()}
+        return {name: _percent(value) for name, value in found.items()}
 
     def to_dict(self) -> dict:
         """The headline's numbers; in a cross-architecture evaluation also "architectures":
@@ -171,6 +181,18 @@ class EvalResult:
             return f"{100 * self.mean:.2f} ± {100 * self.std:.2f} % {nets}"
         return ", ".join(f"{a} {100 * r.mean:.2f} ± {100 * r.std:.2f} %"
                          for a, r in self.by_architecture.items()) + f" {nets} each"
+
+
+def network_metrics(network: NetResult, models: Sequence[str]) -> dict[str, float]:
+    """One finished network's accuracies (%) under the names `EvalResult.metrics` gives them
+    in an evaluation of `models`: what a caller can log while the evaluation still runs."""
+    own = {net_metric("test", network.index): _percent(network.test_accuracy)}
+    if network.val_accuracy is not None:
+        own[net_metric("val", network.index)] = _percent(network.val_accuracy)
+    found = dict(own) if network.architecture == models[0] else {}
+    if list(models) != [DEFAULT_ARCHITECTURE]:  # as `EvalResult.per_architecture`
+        found |= {arch_metric(network.architecture, k): v for k, v in own.items()}
+    return found
 
 
 class Evaluator:

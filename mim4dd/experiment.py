@@ -139,8 +139,9 @@ def run_experiment(
 ) -> ExperimentResult:
     """Distill (continuing from `state`, a state dict or a `STATE_FILE`, if given), then
     evaluate on the real test split. `callback.on_checkpoint` gets the state every
-    `checkpoint_every` iterations and `on_network` each finished evaluation network; saving
-    them is the caller's choice. `evaluated`: networks finished before a stop, not redone."""
+    `checkpoint_every` iterations and at the final one before evaluating, and `on_network`
+    each finished evaluation network; saving them is the caller's choice. `evaluated`:
+    networks finished before a stop, not redone."""
     callback = callback or ExperimentCallback()
     data = data or load_data(config)
     # Built first: a pool network that cannot take these images fails before distilling.
@@ -148,9 +149,15 @@ def run_experiment(
     distiller = Distiller(config, data)
     if state is not None:
         distiller.load_state_dict(state if isinstance(state, dict) else read_state(state))
+    start = distiller.iteration
     synset = distiller.run(callback, checkpoint_every=checkpoint_every)
     evaluation = None
     if evaluator is not None:
+        done = distiller.iteration
+        if checkpoint_every and (done == start or done % checkpoint_every):
+            # The final state, before evaluating: a caller that saves it with the finished
+            # networks (`on_network`) resumes a stopped evaluation without distilling again.
+            callback.on_checkpoint(done, distiller.state_dict())
         on_network = None
         if isinstance(callback, ExperimentCallback):
             callback.on_evaluation_start(config.eval)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from mim4dd.evaluate import NET_TEST_ACC
+from mim4dd.evaluate import NET_TEST_ACC, metric_architecture
 from orchestrator import paired
 
 SEED = "seed"
@@ -45,7 +45,9 @@ def _hashable(value: Any) -> Any:
 
 
 def trial_frame(runs: Iterable[Any]) -> tuple[pd.DataFrame, list[str]]:
-    """One row per FINISHED trial run: key, swept settings, seed, per-network accuracies (%).
+    """One row per FINISHED trial run: key, swept settings, seed, per-network accuracies (%):
+    the headline's as `test_acc_net<i>_pct`, and in a cross-architecture evaluation every
+    architecture's as `<arch>/test_acc_net<i>_pct` (`orchestrator.cross_arch`).
 
     Returns the frame and the swept axes (the dotted paths of the trials' grid points). When a
     trial key ran more than once (a changed config), only its newest finished run counts.
@@ -65,8 +67,10 @@ def trial_frame(runs: Iterable[Any]) -> tuple[pd.DataFrame, list[str]]:
         row = {"trial_key": key, "run_id": run.info.run_id}
         row |= {axis: _hashable(values.get(axis)) for axis in [*axes, SEED]}
         for name, value in run.data.metrics.items():
-            if match := NET_TEST_ACC.match(name):
-                row[f"test_acc_net{match.group(1)}_pct"] = value
+            arch, headline = metric_architecture(name)
+            if match := NET_TEST_ACC.match(headline):
+                column = f"test_acc_net{match.group(1)}_pct"
+                row[f"{arch}/{column}" if arch else column] = value
         rows.append(row)
     return pd.DataFrame(rows), axes
 
@@ -130,7 +134,8 @@ LEGEND = ("seed-level: mean ± std over seeds of each seed's mean over its netwo
           "(Student t over seeds).")
 
 
-def _number(value: Any) -> str:
+def number_text(value: Any) -> str:
+    """A cell value as the tables show it (a float in %g: 0.8, 1e-05)."""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -149,7 +154,7 @@ def display_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
     axes = cell_axes(summary)
     rows = []
     for row in summary.to_dict("records"):  # records keep ints as ints, unlike iterrows
-        shown = {a: _number(row[a]) for a in axes}
+        shown = {a: number_text(row[a]) for a in axes}
         shown["seeds"] = str(row["n_seeds"])
         for kind, what in (("seed_level", "seed-level"), ("pooled", "pooled")):
             mean, std = row[f"{kind}_mean_pct"], row[f"{kind}_std_pct"]
@@ -176,7 +181,7 @@ def cell_metrics(summary: pd.DataFrame) -> dict[str, float]:
     axes = cell_axes(summary)
     metrics = {}
     for row in summary.to_dict("records"):
-        cell = "/".join(f"{a}_{_number(row[a])}" for a in axes) or "all"
+        cell = "/".join(f"{a}_{number_text(row[a])}" for a in axes) or "all"
         cell = re.sub(r"[^\w.\-/ ]", "_", cell)  # what MLflow allows in a metric name
         for column in SUMMARY_COLUMNS:
             if not pd.isna(row[column]):
@@ -269,6 +274,7 @@ __all__ = [
     "cell_metrics",
     "display_rows",
     "log_report",
+    "number_text",
     "plot",
     "summarize",
     "to_markdown",

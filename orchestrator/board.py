@@ -94,7 +94,11 @@ class BoardFeed(TuneCallback):
             _BOARD.update(_key(trial), "running", "starting")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if _BOARD and "loss" in result:
+        if _BOARD and "eval_networks" in result:
+            _BOARD.update(_key(trial), None, f"evaluating: {result['eval_networks_done']}/"
+                                             f"{result['eval_networks']} networks done "
+                                             f"({result['eval_architecture']})")
+        elif _BOARD and "loss" in result:
             key = _key(trial)
             total = _BOARD.iterations.get(key, 0)
             _BOARD.update(key, None, f"{result.get('iteration', 0)}/{total}  "

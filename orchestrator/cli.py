@@ -1,11 +1,9 @@
 """`mim4dd-sweep`: launch a sweep file, watch it, read its table, pull a distilled set back.
 
-`mim4dd-sweep experts` runs only the stage that trains the expert buffers of a sweep's
-trajectory-matching trials; `launch` runs that stage by itself before the trials.
-
-The commands parse arguments and print; the work is in `orchestrator.service` (launching) and
-`orchestrator.queries` (status, report, pull). Heavy imports
-(Ray, MLflow) happen inside the commands, so a bad sweep file fails fast and starts nothing.
+`experts` trains only the expert buffers of a sweep's trajectory-matching trials; `evaluate`
+adds architectures to a finished sweep's evaluation. The commands parse arguments and print;
+the work is in `orchestrator.service`, `.queries` and `.reevaluate`. Heavy imports (Ray,
+MLflow) happen inside the commands, so a bad sweep file fails fast and starts nothing.
 """
 
 from __future__ import annotations
@@ -163,10 +161,14 @@ def _load(
     return spec
 
 
-def _print_summary(summary: Any, name: str) -> None:
-    from orchestrator.aggregate import display_rows
+def _print_summary(summary: Any, name: str, architectures: Any = None, legend=False) -> None:
+    from orchestrator import aggregate, cross_arch
 
-    out.print(_table(display_rows(summary), f"{name}: test accuracy (mean ± std)"))
+    out.print(_table(aggregate.display_rows(summary), f"{name}: test accuracy (mean ± std)"))
+    if architectures is not None and not architectures.empty:
+        out.print(_table(cross_arch.display_rows(architectures), f"{name}: {cross_arch.TITLE}"))
+    if legend:
+        out.print(aggregate.LEGEND, highlight=False)
 
 
 @app.command("list")
@@ -174,8 +176,7 @@ def list_command(tracking_uri: TrackingUri = None) -> None:
     """The sweeps in the store, newest first, with their status and trial counts."""
     from orchestrator.queries import list_sweeps
 
-    rows = list_sweeps(tracking_uri)
-    if not rows:
+    if not (rows := list_sweeps(tracking_uri)):
         err.print("no sweeps in this store yet")
         return
     out.print(_table(rows))
@@ -206,13 +207,10 @@ def status(
         report = sweep_status(name, tracking_uri)
     except LookupError as exc:
         raise _fail(str(exc)) from None
-    out.print(
-        f"[bold]{escape(name)}[/] ({report.run_status}): "
-        f"{report.count('FINISHED')}/{report.total} done, "
-        f"{report.count('RUNNING')} running, {report.count('KILLED')} interrupted, "
-        f"{report.count('FAILED')} failed, "
-        f"{report.pending} not started"
-    )
+    out.print(f"[bold]{escape(name)}[/] ({report.run_status}): "
+              f"{report.count('FINISHED')}/{report.total} done, {report.count('RUNNING')} "
+              f"running, {report.count('KILLED')} interrupted, {report.count('FAILED')} "
+              f"failed, {report.pending} not started")
     rows = [{
         "trial": t["key"], "status": t["status"],
         "progress": f"{t['iteration']}/{t['iterations']}",
@@ -256,10 +254,23 @@ def report(
         return
     if out_file is not None:
         raise _fail("--out takes --format csv or json", 2)
-    from orchestrator.aggregate import LEGEND
+    _print_summary(report.summary, name, report.architectures, legend=True)
 
-    _print_summary(report.summary, name)
-    out.print(LEGEND, highlight=False)
+
+@app.command()
+def evaluate(
+    models: Annotated[str, typer.Option(help="Architectures, comma-separated (mim4dd/zoo.py).")],
+    name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,
+) -> None:
+    """Evaluate a sweep's finished sets on more architectures, into each trial's run."""
+    from orchestrator.reevaluate import SweepLockedError, evaluate_sweep
+
+    try:
+        rows = evaluate_sweep(name, models, tracking_uri, say=err.print)
+    except (LookupError, ValueError, SweepLockedError) as exc:
+        raise _fail(str(exc)) from None
+    out.print(_table(rows, f"{name}: evaluated on {models}"))
+    raise typer.Exit(int(any(row["error"] for row in rows)))  # 1 when a trial failed
 
 
 def _where(items: list[str]) -> dict[str, Any]:

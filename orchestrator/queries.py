@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.entities import Run
 
 from mim4dd.evaluate import TEST_ACC_MEAN
-from orchestrator import aggregate, tracking, ui_view
+from orchestrator import aggregate, cross_arch, tracking, ui_view
 from orchestrator.expand import Trial
 
 TRIALS_ARTIFACT = "trials.json"  # on the parent run: {trial key: config digest} of the spec
@@ -79,7 +79,8 @@ class SweepStatus:
         return max(0, self.total - len(self.trials))
 
 
-def _open_sweep(name: str, tracking_uri: str | None) -> tuple[Any, Any]:
+def open_sweep(name: str, tracking_uri: str | None) -> tuple[Any, Any]:
+    """(client, parent run) of a sweep in the store; LookupError when there is none."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if not tracking.store_exists(uri):  # looking must not create an empty store
         raise LookupError(f"no sweep named {name!r}: there is no tracking store at {uri}")
@@ -112,7 +113,7 @@ def list_sweeps(tracking_uri: str | None = None) -> list[dict[str, Any]]:
 
 
 def sweep_status(name: str, tracking_uri: str | None = None) -> SweepStatus:
-    client, parent = _open_sweep(name, tracking_uri)
+    client, parent = open_sweep(name, tracking_uri)
     runs = tracking.child_runs(client, parent)
     latest = tracking.runs_by_key(runs, current_digests(client, parent), status=None)
     trials = []
@@ -133,24 +134,33 @@ def sweep_status(name: str, tracking_uri: str | None = None) -> SweepStatus:
 class SweepReport:
     summary: pd.DataFrame  # per cell, finished trials of the current configs
     superseded: list[str]  # trial keys with finished results of an older config, not shown
+    # per cell, every architecture's numbers (`cross_arch`); empty for a ConvNet-only sweep
+    architectures: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def as_text(self, fmt: str) -> str:
-        """The summary as "csv" or "json" (records, full precision) for programs."""
+        """The summary, with the architectures' columns, as "csv" or "json" (records, full
+        precision) for programs."""
+        table = cross_arch.merged(self.summary, self.architectures)
         if fmt == "csv":
-            return self.summary.to_csv(index=False)
-        return self.summary.to_json(orient="records", indent=2, double_precision=15) + "\n"
+            return table.to_csv(index=False)
+        text = table.to_json(orient="records", indent=2, double_precision=15)
+        # pandas writes every "/" as "\/": valid JSON, but "resnet18\/n_seeds" reads badly.
+        # Safe to undo: a backslash of the data is written as two, which this never splits.
+        return text.replace("\\/", "/") + "\n"
 
 
 def sweep_report(name: str, tracking_uri: str | None = None) -> SweepReport:
     """The aggregated table of a sweep's finished trials of the current configs."""
-    client, parent = _open_sweep(name, tracking_uri)
+    client, parent = open_sweep(name, tracking_uri)
     digests = current_digests(client, parent)
     runs = tracking.child_runs(client, parent)
     found = summarize(runs, digests)
     summary = found[1] if found else aggregate.summarize(*aggregate.trial_frame([]))
+    architectures = (cross_arch.summarize(found[0], aggregate.cell_axes(summary)) if found
+                     else pd.DataFrame())
     current = set(tracking.runs_by_key(runs, digests, "FINISHED"))
     older = set(tracking.latest_per_key(runs, "FINISHED")) - current
-    return SweepReport(summary, sorted(older))
+    return SweepReport(summary, sorted(older), architectures)
 
 
 def pull(run_id: str, out_dir: str | os.PathLike, tracking_uri: str | None = None) -> Path:
@@ -196,7 +206,7 @@ def pull_set(
     values = {k: v for k, v in (values or {}).items() if v is not None}
     if not values and re.fullmatch(r"[0-9a-f]{32}", target):
         return pull(target, out_dir, tracking_uri), target
-    client, parent = _open_sweep(target, tracking_uri)
+    client, parent = open_sweep(target, tracking_uri)
     runs = tracking.of_digests(tracking.child_runs(client, parent),
                                current_digests(client, parent))
     run = find_trial_run(runs, values=values)
@@ -216,7 +226,7 @@ def ui_command(tracking_uri: str | None, host: str, port: int, workers: int = 1)
 
 def sweep_link(name: str, base_url: str, tracking_uri: str | None = None) -> str:
     """The URL of a sweep's runs table in the MLflow UI at `base_url` (`ui_view`)."""
-    client, parent = _open_sweep(name, tracking_uri)
+    client, parent = open_sweep(name, tracking_uri)
     return ui_view.link(base_url, client.get_experiment(parent.info.experiment_id), name)
 
 
@@ -253,5 +263,5 @@ def find_trial_run(
 
 
 __all__ = ["SweepReport", "SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run",
-           "list_sweeps", "pull", "pull_set", "record_trials", "summarize", "sweep_report",
-           "sweep_link", "sweep_status", "ui_command"]
+           "list_sweeps", "open_sweep", "pull", "pull_set", "record_trials", "summarize",
+           "sweep_report", "sweep_link", "sweep_status", "ui_command"]

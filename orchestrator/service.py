@@ -31,7 +31,9 @@ import pandas as pd
 from rich.console import Console
 
 from mim4dd.bases import plugin_modules
-from orchestrator import aggregate, experts, lineage, preflight, queries, tracking, ui_view
+from orchestrator import (
+    aggregate, cross_arch, experts, lineage, preflight, queries, tracking, ui_view,
+)
 from orchestrator.board import Board
 from orchestrator.expand import Trial
 from orchestrator.locks import sweep_lock
@@ -214,6 +216,8 @@ def _aggregate(client: Any, parent: Any, digests: dict[str, str]) -> pd.DataFram
     with tempfile.TemporaryDirectory() as folder:
         name = parent.data.tags.get(tracking.TAG_SWEEP, "")
         files = aggregate.write_report(frame, summary, Path(folder), name)
+        table = cross_arch.summarize(frame, aggregate.cell_axes(summary))
+        files += cross_arch.write(table, Path(folder), name)
         aggregate.log_report(client, parent.info.run_id, summary, files)
     return summary
 

@@ -11,7 +11,9 @@ The pipeline itself is the engine's `run_experiment`; this module only listens t
 MLflow call happens here, in the trial's process, so a trial on a remote Ray worker logs
 straight to the tracking server. Each Tune checkpoint is a folder with the engine state
 (`STATE_FILE`, read back with `weights_only=True`) and the id of the trial's MLflow run, so a
-retried or resumed trial continues both the optimisation and the same child run.
+retried or resumed trial continues both the optimisation and the same child run. During the
+evaluation each finished network is logged, reported to Tune and checkpointed with the final
+state (`NETWORKS_FILE`), so a stopped trial resumes its evaluation without retraining them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import resource
 import socket
 import tempfile
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,10 @@ import torch
 from ray import tune
 
 from mim4dd.bases import load_plugins
+from mim4dd.config import EvalConfig
 from mim4dd.data import DatasetError
 from mim4dd.distill import Distiller, save_state
-from mim4dd.evaluate import EVAL_PREFIX
+from mim4dd.evaluate import EVAL_PREFIX, NetResult, network_metrics
 from mim4dd.experiment import RESULTS_FILE, STATE_FILE, ExperimentCallback, run_experiment
 from mim4dd.objectives.base import DivergenceError
 from orchestrator.expand import Trial
@@ -40,6 +43,7 @@ from orchestrator.tracking import SYNSET_PATH, TAG_ITERATION, TAG_RESUMED, conne
 from orchestrator.trial_run import TrialRun
 
 TRIAL_FILE = "trial.json"  # {"run_id", "key", "iteration"} beside the state
+NETWORKS_FILE = "networks.json"  # the finished evaluation networks (`NetResult`s) beside it
 # Errors a retry would only repeat: bad settings or data (ValueError and its kin: a missing
 # dataset, a refused expert buffer or set) and divergence. The trial ends FAILED at once.
 DETERMINISTIC_ERRORS = (ValueError, DatasetError, DivergenceError)
@@ -61,15 +65,23 @@ class LaunchContext:
 
 
 class _Reporter(ExperimentCallback):
-    """Engine progress -> `tune.report` every iteration, MLflow in batches, Tune checkpoints."""
+    """Engine progress -> `tune.report` every iteration, MLflow in batches, Tune checkpoints;
+    then each evaluation network -> MLflow, `tune.report` and a checkpoint."""
 
-    def __init__(self, run: TrialRun, key: str, checkpoint_every: int):
+    def __init__(
+        self, run: TrialRun, key: str, checkpoint_every: int, networks: list[NetResult],
+    ):
         self.run = run
         self.key = key
         self.checkpoint_every = checkpoint_every
         self.last: dict[str, float] = {}
+        self.networks = networks  # finished, restored ones first
+        self.state: dict | None = None  # the last checkpointed one: the final state, evaluating
+        self.models: list[str] = []
+        self.total = 0
 
     def on_start(self, distiller: Distiller) -> None:
+        self.last = {"iteration": distiller.iteration}
         self.run.log_inputs(distiller.data)  # again on a resume: MLflow keeps one of each
         if distiller.iteration:
             self.run.set_tags({TAG_RESUMED: distiller.iteration})
@@ -81,11 +93,33 @@ class _Reporter(ExperimentCallback):
             tune.report(self.last)  # checkpoint iterations report from on_checkpoint
 
     def on_checkpoint(self, iteration: int, state: dict) -> None:
+        self.state = state
+        self._report(with_checkpoint=True)
+
+    def on_evaluation_start(self, config: EvalConfig) -> None:
+        self.models, self.total = config.models, len(config.models) * config.num_nets
+
+    def on_network(self, network: NetResult) -> None:
+        self.networks.append(network)
+        self.run.log_once(network_metrics(network, self.models))  # sent before Tune's checkpoint
+        self.last = {"iteration": self.last["iteration"], "eval_networks": self.total,
+                     "eval_networks_done": len(self.networks),
+                     "eval_architecture": network.architecture}
+        self._report(with_checkpoint=self.state is not None)
+
+    def _report(self, with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            tune.report(self.last)
+            return
+        assert self.state is not None
         self.run.flush()  # MLflow holds every step up to the checkpoint before Tune does
         with tempfile.TemporaryDirectory(prefix="mim4dd-ckpt-") as folder:
-            save_state(state, Path(folder) / STATE_FILE)
-            info = {"run_id": self.run.run_id, "key": self.key, "iteration": iteration}
+            save_state(self.state, Path(folder) / STATE_FILE)
+            info = {"run_id": self.run.run_id, "key": self.key,
+                    "iteration": self.state["iteration"]}
             (Path(folder) / TRIAL_FILE).write_text(json.dumps(info))
+            networks = [asdict(net) for net in self.networks]
+            (Path(folder) / NETWORKS_FILE).write_text(json.dumps(networks))
             tune.report(self.last, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -106,6 +140,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # no run id: the run is found by trial key instead
+
+
+def _read_networks(path: Path) -> list[NetResult]:
+    """The finished networks of a checkpoint; none when it has no (readable) list of them."""
+    try:
+        return [NetResult(**net) for net in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):  # TypeError: not a list of NetResult fields
+        return []
 
 
 def _final_metrics(run: TrialRun) -> dict[str, float]:
@@ -140,7 +182,8 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
             return
         try:
             state = restored / STATE_FILE if restored else None
-            final = _run_and_log(run, trial, state, workdir, context)
+            networks = _read_networks(restored / NETWORKS_FILE) if restored else []
+            final = _run_and_log(run, trial, state, networks, workdir, context)
         except (KeyboardInterrupt, SystemExit) as exc:  # Tune stopping the trial (Ctrl-C)
             run.stop(f"interrupted ({type(exc).__name__}); relaunch the sweep to resume")
             raise
@@ -165,19 +208,19 @@ def _peak_memory() -> dict[str, float]:
 
 
 def _run_and_log(
-    run: TrialRun, trial: Trial, state: Path | None, workdir: Path,
+    run: TrialRun, trial: Trial, state: Path | None, networks: list[NetResult], workdir: Path,
     context: LaunchContext,
 ) -> dict[str, float]:
     run.set_tags(_node_tags())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
-    reporter = _Reporter(run, trial.key, context.checkpoint_every)
+    reporter = _Reporter(run, trial.key, context.checkpoint_every, list(networks))
     result = run_experiment(trial.config, callback=reporter, state=state,
-                            checkpoint_every=context.checkpoint_every)
+                            checkpoint_every=context.checkpoint_every, evaluated=networks)
     iterations = int(result.synset.manifest.get("iterations_done", trial.config.iterations))
     assert result.evaluation is not None
     metrics = run.log_evaluation(result.evaluation)
-    run.log_metrics(0, _peak_memory())
+    run.log_once(_peak_memory())
 
     out = workdir / "out"
     synset_dir = result.synset.save(out / SYNSET_PATH)
@@ -188,4 +231,5 @@ def _run_and_log(
     return {"iteration": iterations, **metrics}
 
 
-__all__ = ["DETERMINISTIC_ERRORS", "FAILED", "LaunchContext", "TRIAL_FILE", "train_trial"]
+__all__ = ["DETERMINISTIC_ERRORS", "FAILED", "NETWORKS_FILE", "TRIAL_FILE", "LaunchContext",
+           "train_trial"]

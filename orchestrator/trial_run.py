@@ -69,6 +69,9 @@ class TrialRun:
         # Steps up to here are in MLflow already: a trial resumed from an older checkpoint
         # recomputes them (identically on CPU) but must not log them twice.
         self.logged_until = int(run.data.tags.get(TAG_ITERATION, 0))
+        # Names of the run's metrics: a once-per-trial metric (`log_once`) the run holds from
+        # an earlier attempt is not logged again.
+        self.logged_names = set(run.data.metrics)
         self._monitor: Any = None  # MLflow's system-metrics thread while the run is ours
 
     @classmethod
@@ -140,14 +143,22 @@ class TrialRun:
         """The dataset splits the trial reads, each with a digest (MLflow's Dataset column)."""
         self.client.log_inputs(self.run_id, datasets=lineage.dataset_inputs(data))
 
-    def log_evaluation(self, evaluation: EvalResult) -> dict[str, float]:
-        """Per-network and summary accuracies (%) of an evaluation; returns what was logged.
+    def log_once(self, metrics: Mapping[str, float]) -> None:
+        """Metrics a trial has one value of (its evaluation, its peak memory), at step 0 and
+        sent now; those the run already holds (logged before a restart) are left out.
 
-        At step 0, once per trial: MLflow then charts them as one bar per run, so runs compare
-        side by side instead of as single dots at each run's last step."""
-        metrics = evaluation.metrics()
-        self.log_metrics(0, metrics)
+        Step 0: MLflow then charts them as one bar per run, so runs compare side by side
+        instead of as single dots at each run's last step."""
+        new = {k: v for k, v in metrics.items() if k not in self.logged_names}
+        self.log_metrics(0, new)
         self.flush()
+        self.logged_names |= set(new)
+
+    def log_evaluation(self, evaluation: EvalResult) -> dict[str, float]:
+        """Per-network and summary accuracies (%) of an evaluation (`log_once`: the networks
+        logged while it ran are not logged again); returns all of them."""
+        metrics = evaluation.metrics()
+        self.log_once(metrics)
         return metrics
 
     def log_outputs(self, synset_dir: Path, results_file: Path) -> None:

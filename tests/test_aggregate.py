@@ -154,3 +154,47 @@ def test_student_t_without_scipy_and_the_parent_metrics():
     assert metrics["cell/lam_0.8/n_pairs"] == 2
     assert "cell/lam_0/diff_vs_lam0_mean_pct" not in metrics  # the baseline has none
     assert len(metrics) == 10 + 7  # every number of both cells, none missing
+
+
+def test_cross_architecture_table_by_hand(tmp_path):
+    from orchestrator import cross_arch
+
+    table = frame()  # the headline (ConvNet) networks of ACCURACIES
+    for (lam, seed), nets in ACCURACIES.items():
+        row = (table["lam"] == lam) & (table["seed"] == seed)
+        for i, acc in enumerate(nets):
+            table.loc[row, f"convnet/test_acc_net{i}_pct"] = 100 * acc
+            # mlp: 10 points below convnet; seed 2 was not evaluated on it
+            table.loc[row, f"mlp/test_acc_net{i}_pct"] = 100 * acc - 10 if seed < 2 else math.nan
+    table = table[[*table.columns[::-1]]]  # the order of the columns does not matter
+    assert cross_arch.architectures(table) == ["convnet", "mlp"]  # the pool's order
+    summary = aggregate.summarize(table, ["lam", "seed"])
+    archs = cross_arch.summarize(table, ["lam"])
+    assert list(archs.columns) == ["lam", *(f"{a}/{c}" for a in ("convnet", "mlp")
+                                             for c in cross_arch.COLUMNS)]
+    rows = archs.to_dict("records")
+    # convnet is the headline: the main table's numbers
+    for row, main in zip(rows, summary.to_dict("records"), strict=True):
+        for name in ("n_seeds", "seed_level_mean_pct", "seed_level_std_pct",
+                     "diff_vs_lam0_mean_pct"):
+            assert row[f"convnet/{name}"] == pytest.approx(main[name], nan_ok=True)
+    # mlp, lam=0: seeds .5 and .7 -> 60 ± 10; lam=0.8: seeds .8 .6 (seed 2 not evaluated)
+    assert [rows[0]["mlp/n_seeds"], rows[1]["mlp/n_seeds"]] == [2, 2]
+    assert rows[0]["mlp/seed_level_mean_pct"] == pytest.approx(60.0)
+    assert rows[0]["mlp/seed_level_std_pct"] == pytest.approx(10.0)
+    assert rows[1]["mlp/seed_level_mean_pct"] == pytest.approx(70.0)
+    assert rows[1]["mlp/diff_vs_lam0_mean_pct"] == pytest.approx(10.0)  # 80-50, 60-70
+
+    shown = cross_arch.display_rows(archs)
+    assert shown[0] == {"lam": "0", "convnet": "70.00 ± 10.00", "mlp": "60.00 ± 10.00"}
+    assert shown[1]["mlp"] == "70.00 ± 10.00 (2 of 3 seeds)"
+    merged = cross_arch.merged(summary, archs)
+    assert list(merged.columns) == [*summary.columns, *archs.columns[1:]]
+    assert merged["mlp/seed_level_mean_pct"].tolist() == pytest.approx([60.0, 70.0])
+    files = cross_arch.write(archs, tmp_path, "demo")
+    assert [p.name for p in files] == ["architectures.csv", "architectures.md"]
+    assert "| lam | convnet | mlp |" in (tmp_path / "architectures.md").read_text()
+
+    # without per-architecture metrics (a ConvNet-only sweep) there is no table
+    assert cross_arch.summarize(frame(), ["lam"]).empty
+    assert cross_arch.merged(summary, cross_arch.summarize(frame(), ["lam"])) is summary

@@ -14,6 +14,7 @@ from mim4dd.evaluate import (
     arch_metric,
     metric_architecture,
     net_metric,
+    network_metrics,
 )
 from mim4dd.experiment import (
     evaluate_random_baseline,
@@ -157,6 +158,59 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(digits):
     stranger = dataclasses.replace(done[0], seed=99)
     with pytest.raises(ValueError, match="not one of this evaluation's"):
         evaluator_for(config, digits).evaluate(images, labels, done=[stranger])
+
+
+@pytest.mark.parametrize("models", [["convnet"], ["mlp", "convnet"]])
+def test_each_network_logs_the_names_the_whole_evaluation_gives_it(digits, models):
+    images, labels = _set(digits, ipc=1)
+    config = tiny_config(eval={"epochs": 1, "num_nets": 2, "models": models})
+    networks = []
+    whole = evaluator_for(config, digits).evaluate(images, labels, on_network=networks.append)
+    logged = {}
+    for net in networks:
+        logged |= network_metrics(net, models)
+    # Every per-network number, named and valued as the whole evaluation names it; only the
+    # summaries (means, stds) are left for the end.
+    assert logged == {k: v for k, v in whole.metrics().items() if "_net" in k}
+    assert len(logged) == 2 * 2 * len(models) + (2 * 2 if len(models) > 1 else 0)
+
+
+def test_the_final_state_is_checkpointed_before_evaluating(digits, tmp_path):
+    from mim4dd.experiment import ExperimentCallback
+
+    class Listener(ExperimentCallback):
+        def __init__(self):
+            self.events = []
+
+        def on_checkpoint(self, iteration, state):
+            self.events.append(("checkpoint", iteration))
+            self.state = state
+
+        def on_evaluation_start(self, config):
+            self.events.append(("evaluate", None))
+
+        def on_network(self, network):
+            self.events.append(("network", network.index))
+
+    config = tiny_config(iterations=3, eval={"epochs": 1, "num_nets": 2})
+    first = Listener()
+    whole = run_experiment(config, digits, callback=first, checkpoint_every=2)
+    assert first.events == [("checkpoint", 2), ("checkpoint", 3), ("evaluate", None),
+                            ("network", 0), ("network", 1)]
+    # Resumed from that state with network 0 done: no distillation, the state once more (a
+    # caller saves it with the networks), and only network 1 trains.
+    again = Listener()
+    done = [NetResult("convnet", 0, 0, whole.evaluation.test_accuracies[0],
+                      whole.evaluation.val_accuracies[0])]
+    resumed = run_experiment(config, digits, callback=again, checkpoint_every=2,
+                             state=first.state, evaluated=done)
+    assert again.events == [("checkpoint", 3), ("evaluate", None), ("network", 1)]
+    assert resumed.evaluation.to_dict() == whole.evaluation.to_dict()
+    # A last iteration that is a checkpoint iteration is saved once.
+    once = Listener()
+    run_experiment(tiny_config(iterations=2, eval={"epochs": 1, "num_nets": 1}), digits,
+                   callback=once, checkpoint_every=2)
+    assert once.events == [("checkpoint", 2), ("evaluate", None), ("network", 0)]
 
 
 def test_random_real_baseline_is_the_distillation_start(digits):

@@ -267,10 +267,13 @@ def test_shipped_sweeps_load_and_expand(path):
 
 def test_shipped_sweeps_are_the_documented_ones():
     assert {p.name for p in SWEEPS} >= {"quickstart.yaml", "lambda_ablation.yaml",
-                                        "main_table.yaml"}
+                                        "main_table.yaml", "cross_arch.yaml"}
     assert len(load_spec(REPO / "sweeps" / "quickstart.yaml").trials()) == 4
     assert len(load_spec(REPO / "sweeps" / "lambda_ablation.yaml").trials()) == 45
     assert len(load_spec(REPO / "sweeps" / "main_table.yaml").trials()) == 45
+    cross = load_spec(REPO / "sweeps" / "cross_arch.yaml").trials()
+    assert len(cross) == 4 and cross[0].config.eval.models == [
+        "convnet", "mlp", "lenet", "alexnet", "vgg11", "resnet18"]
 
 
 def test_engine_section_and_the_old_base_key(tmp_path):

@@ -1,0 +1,135 @@
+"""`mim4dd-sweep evaluate`: a sweep's finished sets on more architectures, without distilling
+again, logged into each trial's own run.
+
+Sequential, in this process (no Ray: a set's evaluation is a few small networks, and one
+process keeps the order and the resumption simple). Each set is pulled (sha256-verified) and
+evaluated with its trial's own protocol (`eval.*`) on the requested architectures its run does
+not hold yet. Every network's metrics are logged as it finishes and an architecture's summary
+(mean, std) last, at step 0 under `arch_metric` names, so an architecture whose summary a run
+holds is skipped, a stopped `evaluate` resumes from the networks the runs hold, and no metric
+is ever logged twice. A trial's own headline architecture is not retrained: its logged numbers
+are copied under its architecture's names, so that the report's table has its column.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric
+
+from mim4dd.config import Config
+from mim4dd.evaluate import (
+    EVAL_PREFIX, TEST_ACC_MEAN, NetResult, arch_metric, metric_architecture, net_metric,
+    network_metrics,
+)
+from mim4dd.experiment import evaluate_synset
+from mim4dd.synset import SyntheticSet
+from mim4dd.zoo import ARCHITECTURES, DEFAULT_ARCHITECTURE, unknown_architecture_message
+from orchestrator import queries, tracking
+from orchestrator.locks import SweepLockedError, sweep_lock
+
+
+class _Once:
+    """Metrics of one run at step 0, each name at most once: names the run holds are skipped."""
+
+    def __init__(self, client: Any, run_id: str, have: dict[str, float]):
+        self.client, self.run_id, self.have = client, run_id, have
+
+    def log(self, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        new = [Metric(k, float(v), now, 0) for k, v in metrics.items() if k not in self.have]
+        for start in range(0, len(new), 1000):  # MLflow takes 1000 per request
+            self.client.log_batch(self.run_id, metrics=new[start : start + 1000])
+        self.have.update({m.key: m.value for m in new})
+
+
+def evaluate_sweep(
+    name: str, models: str | list[str], tracking_uri: str | None = None,
+    say: Callable[[str], None] = print,
+) -> list[dict[str, str]]:
+    """Evaluate every finished trial of sweep `name` (current configs) on `models` (a list or
+    comma-separated); one row per trial: the architectures added, those it had already, and
+    the error of a trial that could not be evaluated."""
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    if not models:
+        raise ValueError("name at least one architecture")
+    for arch in models:
+        if arch not in ARCHITECTURES:
+            raise ValueError(unknown_architecture_message(arch))
+    client, parent = queries.open_sweep(name, tracking_uri)
+    rows = []
+    with sweep_lock(name, tracking.home()):  # no launch (or evaluate) logs to these runs now
+        digests = queries.current_digests(client, parent)
+        finished = tracking.runs_by_key(tracking.child_runs(client, parent), digests, "FINISHED")
+        for key, run in sorted(finished.items()):
+            row = {"trial": key, "added": "", "already there": "", "error": ""}
+            try:
+                added, there = _evaluate_run(client, run, models, tracking_uri,
+                                             lambda text, key=key: say(f"{key}: {text}"))
+                row["added"], row["already there"] = ", ".join(added), ", ".join(there)
+            except ValueError as exc:  # an architecture these images do not fit, a bad set
+                row["error"] = str(exc)
+            rows.append(row)
+    return rows
+
+
+def _headline(run: Any) -> str:
+    """The architecture the trial's unnamed `eval/...` metrics are of (its eval.models[0])."""
+    models = json.loads(run.data.params.get("eval.models", "null")) or [DEFAULT_ARCHITECTURE]
+    return models[0]
+
+
+def _evaluate_run(
+    client: Any, run: Any, models: list[str], tracking_uri: str | None,
+    say: Callable[[str], None],
+) -> tuple[list[str], list[str]]:
+    once = _Once(client, run.info.run_id, dict(run.data.metrics))
+    there = [a for a in models if arch_metric(a, TEST_ACC_MEAN) in once.have]
+    todo = [a for a in models if a not in there]
+    headline = _headline(run)
+    if headline in todo:  # trained by the trial already: its numbers under its own names
+        once.log({arch_metric(headline, k): v for k, v in once.have.items()
+                  if k.startswith(EVAL_PREFIX) and metric_architecture(k)[0] is None})
+        todo.remove(headline)
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="mim4dd-evaluate-") as folder:
+            synset = SyntheticSet.load(queries.pull(run.info.run_id, Path(folder),
+                                                    tracking_uri))
+            config = Config.model_validate(synset.manifest["config"])
+            config = config.model_copy(
+                update={"eval": config.eval.model_copy(update={"models": todo})})
+            done = _done(once.have, config)
+            say(f"evaluating on {', '.join(todo)} ({len(done)} networks done before)")
+
+            def log_network(net: NetResult) -> None:
+                # Named as in an evaluation headed by the trial's own architecture: never the
+                # unnamed headline metrics, which stay the trial's.
+                once.log(network_metrics(net, [headline, *todo]))
+                say(f"{net.architecture} network {net.index}: {100 * net.test_accuracy:.2f} %")
+
+            result = evaluate_synset(synset, config, done=done, on_network=log_network)
+        once.log(result.architecture_metrics())  # the summaries; the networks are there
+    added = [a for a in models if a not in there]
+    return added, there
+
+
+def _done(have: Mapping[str, float], config: Config) -> list[NetResult]:
+    """The networks a stopped `evaluate` logged already, read back from the run's metrics."""
+    done = []
+    for arch in config.eval.models:
+        for index in range(config.eval.num_nets):
+            test = have.get(arch_metric(arch, net_metric("test", index)))
+            val = have.get(arch_metric(arch, net_metric("val", index)))
+            if test is not None:
+                done.append(NetResult(arch, index, config.eval.seed + index, test / 100,
+                                      None if val is None else val / 100))
+    return done
+
+
+__all__ = ["SweepLockedError", "evaluate_sweep"]  # raised when a launch of the sweep runs
