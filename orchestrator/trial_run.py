@@ -52,6 +52,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+STEP_METRIC = "loss"  # logged at every optimisation step of every base
+
+
 class TrialRun:
     """The child run of one trial, as the trial process writes to it.
 
@@ -69,6 +72,11 @@ class TrialRun:
         # Steps up to here are in MLflow already: a trial resumed from an older checkpoint
         # recomputes them (identically on CPU) but must not log them twice.
         self.logged_until = int(run.data.tags.get(TAG_ITERATION, 0))
+        if STEP_METRIC in run.data.metrics:  # a run resumed: its metrics may be ahead of the
+            # tag (the store writes a batch's metrics and tags one after the other; a kill in
+            # between leaves the tag behind), and the steps it holds must not come again
+            history = client.get_metric_history(self.run_id, STEP_METRIC)
+            self.logged_until = max([self.logged_until, *(m.step for m in history)])
         # Names of the run's metrics: a once-per-trial metric (`log_once`) the run holds from
         # an earlier attempt is not logged again.
         self.logged_names = set(run.data.metrics)

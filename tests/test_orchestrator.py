@@ -24,6 +24,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from processes import HAS_PROC, kill_session  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -497,3 +498,29 @@ def test_a_trial_run_samples_system_metrics_and_leaves_no_thread(home, monkeypat
                                                                    "grid.lam": "[0]"})
     assert again.data.params == {"grid.seed": "[0]", "grid.lam": "[0]"}
     assert again.data.tags[tracking.TAG_STALE_PARAMS] == "grid.seed"
+
+
+def test_a_reopened_run_skips_steps_it_holds_even_when_its_tag_lags(home):
+    # The store writes a batch's metrics, then its tags: a kill in between leaves the
+    # iteration tag behind the metrics. A resumed trial must still not log those steps again.
+    from mim4dd.config import Config
+    from orchestrator.expand import Trial
+
+    uri = tracking.resolve_tracking_uri()
+    client = tracking.connect(uri)
+    experiment = tracking.ensure_experiment(client, "lag", uri)
+    parent = tracking.open_sweep_run(client, experiment, "lag", {}, {"grid.seed": "[0]"})
+    trial = Trial("seed=0", {"seed": 0}, Config(dataset="digits", iterations=8))
+    run = trial_run.TrialRun.open(client, parent.info.run_id, "lag", trial)
+    for step in range(1, 4):
+        run.log_iteration(step, {"loss": float(step)})
+    run.flush()  # steps 1-3 and the tag 3
+    client.log_batch(run.run_id, metrics=[Metric("loss", 4.0, 0, 4), Metric("loss", 5.0, 0, 5)])
+    run.stop("killed")  # steps 4-5 written, the tag still says 3
+
+    again = trial_run.TrialRun.open(client, parent.info.run_id, "lag", trial, run_id=run.run_id)
+    for step in range(1, 7):
+        again.log_iteration(step, {"loss": float(step)})
+    again.finish()
+    steps = [m.step for m in client.get_metric_history(run.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
