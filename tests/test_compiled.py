@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -11,6 +13,8 @@ from mim4dd.distill import Distiller
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler (without one: the fallback)")
 def test_a_compiled_dm_step_matches_the_plain_one(digits):
     plain = Distiller(tiny_config(lam=0.8), digits)
     compiled = Distiller(tiny_config(lam=0.8, compile=True), digits)
