@@ -35,6 +35,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_distill.py
 	$(PY) benchmarks/bench_evaluate.py
+	$(PY) benchmarks/bench_speed.py
 
 clean-runs:
 	rm -rf .mim4dd runs
