@@ -72,11 +72,6 @@ class TrialRun:
         # Steps up to here are in MLflow already: a trial resumed from an older checkpoint
         # recomputes them (identically on CPU) but must not log them twice.
         self.logged_until = int(run.data.tags.get(TAG_ITERATION, 0))
-        if STEP_METRIC in run.data.metrics:  # a run resumed: its metrics may be ahead of the
-            # tag (the store writes a batch's metrics and tags one after the other; a kill in
-            # between leaves the tag behind), and the steps it holds must not come again
-            history = client.get_metric_history(self.run_id, STEP_METRIC)
-            self.logged_until = max([self.logged_until, *(m.step for m in history)])
         # Names of the run's metrics: a once-per-trial metric (`log_once`) the run holds from
         # an earlier attempt is not logged again.
         self.logged_names = set(run.data.metrics)
@@ -114,6 +109,11 @@ class TrialRun:
             params = [Param(k, v[:6000]) for k, v in flatten(trial.values()).items()]
             for start in range(0, len(params), _MAX_PARAMS):
                 client.log_batch(run.info.run_id, params=params[start : start + _MAX_PARAMS])
+        if STEP_METRIC in run.data.metrics:  # resumed: its metrics may be ahead of the tag
+            # (the store writes a batch's metrics, then its tags; a kill in between leaves the
+            # tag behind), and the steps it holds must not come again
+            history = client.get_metric_history(run.info.run_id, STEP_METRIC)
+            opened.logged_until = max([opened.logged_until, *(m.step for m in history)])
         attempt = int(run.data.tags.get(TAG_ATTEMPT, "0")) + 1
         client.update_run(run.info.run_id, status="RUNNING")
         client.set_tag(run.info.run_id, TAG_ATTEMPT, str(attempt))
