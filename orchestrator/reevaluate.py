@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
 
 from mim4dd.config import Config
 from mim4dd.evaluate import (
@@ -32,20 +30,7 @@ from mim4dd.synset import SyntheticSet
 from mim4dd.zoo import ARCHITECTURES, DEFAULT_ARCHITECTURE, unknown_architecture_message
 from orchestrator import queries, tracking
 from orchestrator.locks import SweepLockedError, sweep_lock
-
-
-class _Once:
-    """Metrics of one run at step 0, each name at most once: names the run holds are skipped."""
-
-    def __init__(self, client: Any, run_id: str, have: dict[str, float]):
-        self.client, self.run_id, self.have = client, run_id, have
-
-    def log(self, metrics: Mapping[str, float]) -> None:
-        now = int(time.time() * 1000)
-        new = [Metric(k, float(v), now, 0) for k, v in metrics.items() if k not in self.have]
-        for start in range(0, len(new), 1000):  # MLflow takes 1000 per request
-            self.client.log_batch(self.run_id, metrics=new[start : start + 1000])
-        self.have.update({m.key: m.value for m in new})
+from orchestrator.trial_run import TrialRun
 
 
 def evaluate_sweep(
@@ -89,13 +74,14 @@ def _evaluate_run(
     client: Any, run: Any, models: list[str], tracking_uri: str | None,
     say: Callable[[str], None],
 ) -> tuple[list[str], list[str]]:
-    once = _Once(client, run.info.run_id, dict(run.data.metrics))
-    there = [a for a in models if arch_metric(a, TEST_ACC_MEAN) in once.have]
+    have = dict(run.data.metrics)
+    once = TrialRun(client, run)  # `log_once`: a name the run holds is never logged again
+    there = [a for a in models if arch_metric(a, TEST_ACC_MEAN) in have]
     todo = [a for a in models if a not in there]
     headline = _headline(run)
     if headline in todo:  # trained by the trial already: its numbers under its own names
-        once.log({arch_metric(headline, k): v for k, v in once.have.items()
-                  if k.startswith(EVAL_PREFIX) and metric_architecture(k)[0] is None})
+        once.log_once({arch_metric(headline, k): v for k, v in have.items()
+                       if k.startswith(EVAL_PREFIX) and metric_architecture(k)[0] is None})
         todo.remove(headline)
     if todo:
         with tempfile.TemporaryDirectory(prefix="mim4dd-evaluate-") as folder:
@@ -104,17 +90,17 @@ def _evaluate_run(
             config = Config.model_validate(synset.manifest["config"])
             config = config.model_copy(
                 update={"eval": config.eval.model_copy(update={"models": todo})})
-            done = _done(once.have, config)
+            done = _done(have, config)
             say(f"evaluating on {', '.join(todo)} ({len(done)} networks done before)")
 
             def log_network(net: NetResult) -> None:
                 # Named as in an evaluation headed by the trial's own architecture: never the
                 # unnamed headline metrics, which stay the trial's.
-                once.log(network_metrics(net, [headline, *todo]))
+                once.log_once(network_metrics(net, [headline, *todo]))
                 say(f"{net.architecture} network {net.index}: {100 * net.test_accuracy:.2f} %")
 
             result = evaluate_synset(synset, config, done=done, on_network=log_network)
-        once.log(result.architecture_metrics())  # the summaries; the networks are there
+        once.log_once(result.architecture_metrics())  # the summaries; the networks are there
     added = [a for a in models if a not in there]
     return added, there
 
