@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
+import resource
 import time
+from dataclasses import dataclass
 
 import torch
 from rich.console import Console
@@ -39,19 +41,44 @@ def print_table(
     Console(width=width).print(table)
 
 
+@dataclass
+class Sample:
+    """One timed call: wall seconds, this process's user and system CPU seconds, and its
+    minor page faults (getrusage: CPU time and faults are less disturbed by other load)."""
+
+    wall: float
+    user: float
+    sys: float
+    faults: int
+
+
+def measure(work) -> Sample:
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    work()
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
+    return Sample(wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
+                  after.ru_minflt - before.ru_minflt)
+
+
+def interleaved(work: dict, rounds: int) -> dict:
+    """One warm-up call each, then `rounds` measured calls each in alternating order."""
+    for call in work.values():
+        call()
+    samples: dict = {name: [] for name in work}
+    names = list(work)
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            samples[name].append(measure(work[name]))
+    return samples
+
+
 def time_interleaved(distillers: list, steps: int, device: torch.device):
-    """Warm each up with one step, then `steps` timed steps each, in alternating order."""
-    for distiller in distillers:
-        distiller.step()
-    sync(device)
-    wall: list[list[float]] = [[] for _ in distillers]
-    cpu: list[list[float]] = [[] for _ in distillers]
-    forward = list(range(len(distillers)))
-    for i in range(steps):
-        for which in forward if i % 2 == 0 else forward[::-1]:
-            started, started_cpu = time.perf_counter(), time.process_time()
-            distillers[which].step()
-            sync(device)
-            wall[which].append(time.perf_counter() - started)
-            cpu[which].append(time.process_time() - started_cpu)
+    """Warm each up with one step, then `steps` timed steps each, in alternating order:
+    (wall seconds, CPU seconds) per distiller, one list each."""
+    def step(distiller):
+        return lambda: (distiller.step(), sync(device))
+
+    samples = interleaved({i: step(d) for i, d in enumerate(distillers)}, steps)
+    wall = [[s.wall for s in samples[i]] for i in range(len(distillers))]
+    cpu = [[s.user + s.sys for s in samples[i]] for i in range(len(distillers))]
     return wall, cpu

@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
-from _common import prepare, print_table
+from _common import Sample, interleaved, measure, prepare, print_table
 from reference_loops import ReferenceDM, reference_evaluate
 from torch import nn
 
@@ -38,34 +36,6 @@ from mim4dd.evaluate import Evaluator
 from mim4dd.memory import ENV as MALLOC_ENV
 from mim4dd.memory import keep_freed_memory
 from mim4dd.models import ConvNet
-
-
-@dataclass
-class Sample:
-    wall: float
-    user: float
-    sys: float
-    faults: int
-
-
-def measure(work) -> Sample:
-    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    work()
-    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
-    return Sample(wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
-                  after.ru_minflt - before.ru_minflt)
-
-
-def interleaved(work: dict, rounds: int) -> dict[str, list[Sample]]:
-    """One warm-up call each, then `rounds` measured calls each in alternating order."""
-    for call in work.values():
-        call()
-    samples: dict[str, list[Sample]] = {name: [] for name in work}
-    names = list(work)
-    for i in range(rounds):
-        for name in names if i % 2 == 0 else names[::-1]:
-            samples[name].append(measure(work[name]))
-    return samples
 
 
 def median(samples: list[Sample], field: str) -> float:
