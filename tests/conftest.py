@@ -112,3 +112,13 @@ def mim_share_of_first_step(make) -> tuple[float, float, float]:
     applied = (before - stepped.images.detach()) / stepped.config.lr_img
     share = float((applied - base_grad).norm() / base_grad.norm())
     return share, metrics["mim_grad_ratio"], float(mim_grad.norm() / base_grad.norm())
+
+
+def first_batch_loss_and_base(distiller):
+    """On the first batch: the total loss and L_base, each with its image gradient, and the
+    loss parts (for the "lambda = 0 is exactly the base method" checks of every base)."""
+    base = distiller.objective.match(distiller.batch(0), with_features=False).base_loss
+    (base_grad,) = torch.autograd.grad(base, distiller.images)
+    loss, metrics = distiller.loss(distiller.batch(0))
+    (grad,) = torch.autograd.grad(loss, distiller.images)
+    return loss, base, grad, base_grad, metrics

@@ -4,7 +4,9 @@ network trained alongside, resume, presets and one run end to end."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mim_share_of_first_step, run_interrupted, tiny_config
+from conftest import (
+    first_batch_loss_and_base, mim_share_of_first_step, run_interrupted, tiny_config,
+)
 
 from mim4dd.config import Config
 from mim4dd.distill import Distiller
@@ -54,10 +56,7 @@ def test_loss_matches_a_hand_computation(digits, monkeypatch):
 
 def test_lambda_zero_is_exactly_cafe(digits):
     distiller = Distiller(tiny_config(base="cafe", lam=0.0), digits)
-    base = distiller.objective.match(distiller.batch(0), with_features=False).base_loss
-    (base_grad,) = torch.autograd.grad(base, distiller.images)
-    loss, metrics = distiller.loss(distiller.batch(0))
-    (grad,) = torch.autograd.grad(loss, distiller.images)
+    loss, base, grad, base_grad, metrics = first_batch_loss_and_base(distiller)
     assert torch.equal(loss, base) and torch.equal(grad, base_grad)
     assert base_grad.abs().sum() > 0 and "loss_mim" not in metrics
     heads = [p.clone() for p in distiller.mim.parameters()]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import run_interrupted, tiny_config
+from conftest import first_batch_loss_and_base, run_interrupted, tiny_config
 
 from mim4dd.distill import Distiller
 from mim4dd.models import build_model
@@ -78,10 +78,7 @@ def test_network_is_fresh_every_outer_loop_and_trained_in_between(digits):
 
 def test_lambda_zero_is_exactly_gradient_matching(digits):
     distiller = Distiller(tiny_config(base="dc", lam=0.0), digits)
-    base = distiller.objective.match(distiller.batch(0), with_features=False).base_loss
-    (base_grad,) = torch.autograd.grad(base, distiller.images)
-    loss, _ = distiller.loss(distiller.batch(0))
-    (grad,) = torch.autograd.grad(loss, distiller.images)
+    loss, base, grad, base_grad, _ = first_batch_loss_and_base(distiller)
     assert torch.equal(loss, base) and torch.equal(grad, base_grad)
     assert base_grad.abs().sum() > 0
 

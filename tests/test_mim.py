@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mim_share_of_first_step, tiny_config
+from conftest import first_batch_loss_and_base, mim_share_of_first_step, tiny_config
 
 from mim4dd.distill import Distiller
 from mim4dd.objectives import MIMTerm, nce_loss
@@ -79,10 +79,7 @@ def test_gradient_reaches_images_and_heads(digits):
 
 def test_lambda_zero_is_exactly_the_base_method(digits):
     distiller = Distiller(tiny_config(lam=0.0), digits)
-    base = distiller.objective.match(distiller.batch(0), with_features=False).base_loss
-    (base_grad,) = torch.autograd.grad(base, distiller.images)
-    loss, metrics = distiller.loss(distiller.batch(0))
-    (grad,) = torch.autograd.grad(loss, distiller.images)
+    loss, base, grad, base_grad, metrics = first_batch_loss_and_base(distiller)
     assert torch.equal(loss, base) and torch.equal(grad, base_grad)
     assert "loss_mim" not in metrics
     heads = [p.clone() for p in distiller.mim.parameters()]

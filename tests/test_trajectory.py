@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from conftest import mim_share_of_first_step, run_interrupted, tiny_config
+from conftest import (
+    first_batch_loss_and_base, mim_share_of_first_step, run_interrupted, tiny_config,
+)
 
 from mim4dd.config import ModelConfig
 from mim4dd.distill import Distiller
@@ -73,10 +75,7 @@ def test_mtt_step_trains_images_and_step_size(digits, experts):
 
 def test_lambda_zero_is_exactly_trajectory_matching(digits, experts):
     distiller = Distiller(mtt_config(experts, lam=0.0), digits)
-    base = distiller.objective.match(distiller.batch(0), with_features=False).base_loss
-    (base_grad,) = torch.autograd.grad(base, distiller.images)
-    loss, metrics = distiller.loss(distiller.batch(0))
-    (grad,) = torch.autograd.grad(loss, distiller.images)
+    loss, base, grad, base_grad, metrics = first_batch_loss_and_base(distiller)
     assert torch.equal(loss, base) and torch.equal(grad, base_grad) and "loss_mim" not in metrics
 
 
