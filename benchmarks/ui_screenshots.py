@@ -165,6 +165,14 @@ def take(page, url: str, out: Path) -> list[Path]:
         page.get_by_placeholder("Search metric charts").fill(text)
         time.sleep(3)
 
+    def open_artifact(run_id: str, folder: str, name: str) -> None:
+        """A run's artifacts tab, with `folder/name` open in its preview pane."""
+        page.goto(f"{runs}/{run_id}/artifacts{layout}")
+        settle(page, folder)
+        page.get_by_text(folder, exact=True).first.click()
+        page.get_by_text(name, exact=True).first.click()
+        time.sleep(3)
+
     link = queries.sweep_link(SWEEP, url)  # what `mim4dd-sweep ui ui-demo` prints
     print(f"deep link: {link}", flush=True)
     page.goto(link)
@@ -180,11 +188,7 @@ def take(page, url: str, out: Path) -> list[Path]:
     page.get_by_text("Show more").first.click()
     time.sleep(1)
     shot("parent_overview.png")
-    page.goto(f"{runs}/{parent.info.run_id}/artifacts{layout}")
-    settle(page, "aggregate")
-    page.get_by_text("aggregate", exact=True).first.click()
-    page.get_by_text("summary.json", exact=True).first.click()
-    time.sleep(3)
+    open_artifact(parent.info.run_id, "aggregate", "summary.json")
     shot("parent_table.png")
     page.get_by_text("accuracy_vs_lam.png", exact=True).first.click()
     time.sleep(3)
@@ -201,11 +205,7 @@ def take(page, url: str, out: Path) -> list[Path]:
     page.locator("img").last.scroll_into_view_if_needed()  # below the run's params
     time.sleep(2)
     shot("child_image_chart.png")
-    page.goto(f"{runs}/{child.info.run_id}/artifacts{layout}")
-    settle(page, "synset")
-    page.get_by_text("synset", exact=True).first.click()
-    page.get_by_text("grid.png", exact=True).first.click()
-    time.sleep(3)
+    open_artifact(child.info.run_id, "synset", "grid.png")
     shot("child_image_artifact.png")
     page.goto(f"{runs}/{sampled.info.run_id}/system-metrics{layout}")
     settle(page, "Search metric charts", 4)
