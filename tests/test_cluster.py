@@ -72,8 +72,11 @@ def mlflow_server(tmp_path_factory):
 def test_sweep_on_two_nodes_with_tracking_server(cluster, mlflow_server, tmp_path):
     spec = {
         "name": "cluster",
-        "engine": {"dataset": "digits", "model": {"width": 8}, "iterations": 60,
-                 "batch_real": 16, "ipc": 1, "eval": {"epochs": 30, "lr": 0.1, "num_nets": 2}},
+        # Long enough (~10 s a trial) that the two trials overlap and so take one node each:
+        # at 60 iterations a trial took ~3.6 s, and one started after the other had finished
+        # could land on the same node (1 failure in 3 runs).
+        "engine": {"dataset": "digits", "model": {"width": 8}, "iterations": 240,
+                 "batch_real": 16, "ipc": 1, "eval": {"epochs": 90, "lr": 0.1, "num_nets": 2}},
         "grid": {"seed": [0, 1]},
         "resources": {"cpu": 1},
         "checkpoint_every": 20,
