@@ -14,6 +14,8 @@ straight to the tracking server. Each Tune checkpoint is a folder with the engin
 retried or resumed trial continues both the optimisation and the same child run. During the
 evaluation each finished network is logged, reported to Tune and checkpointed with the final
 state (`NETWORKS_FILE`), so a stopped trial resumes its evaluation without retraining them.
+A trial resumes from the newest readable checkpoint it has: Tune's, or one an earlier launch
+left on disk that Tune's saved state no longer names (`LaunchContext.checkpoints_left`).
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ from ray import tune
 from mim4dd.bases import load_plugins
 from mim4dd.config import EvalConfig
 from mim4dd.data import DatasetError
-from mim4dd.distill import Distiller, save_state
+from mim4dd.distill import Distiller, read_state, save_state
 from mim4dd.evaluate import EVAL_PREFIX, NetResult, network_metrics
 from mim4dd.experiment import RESULTS_FILE, STATE_FILE, ExperimentCallback, run_experiment
 from mim4dd.objectives.base import DivergenceError
 from orchestrator.expand import Trial
 from orchestrator.tracking import SYNSET_PATH, TAG_ITERATION, TAG_RESUMED, connect
 from orchestrator.trial_run import TrialRun
+from orchestrator.tune_folder import TRIAL_FILE
 
-TRIAL_FILE = "trial.json"  # {"run_id", "key", "iteration"} beside the state
 NETWORKS_FILE = "networks.json"  # the finished evaluation networks (`NetResult`s) beside it
 # Errors a retry would only repeat: bad settings or data (ValueError and its kin: a missing
 # dataset, a refused expert buffer or set) and divergence. The trial ends FAILED at once.
@@ -62,6 +64,9 @@ class LaunchContext:
     plugins: tuple[str, ...] = ()  # $MIM4DD_PLUGINS of the driver: bases a worker must know
     # `lineage.source_tags` of the driver (sweep file, git commit), for every trial's run
     source_tags: dict[str, str] = field(default_factory=dict)
+    # Per trial key, checkpoints of its current config an earlier launch left, newest first
+    # (`tune_folder.resumable_checkpoints`)
+    checkpoints_left: dict[str, list[str]] = field(default_factory=dict)
 
 
 class _Reporter(ExperimentCallback):
@@ -69,10 +74,10 @@ class _Reporter(ExperimentCallback):
     then each evaluation network -> MLflow, `tune.report` and a checkpoint."""
 
     def __init__(
-        self, run: TrialRun, key: str, checkpoint_every: int, networks: list[NetResult],
+        self, run: TrialRun, trial: Trial, checkpoint_every: int, networks: list[NetResult],
     ):
         self.run = run
-        self.key = key
+        self.trial = trial
         self.checkpoint_every = checkpoint_every
         self.last: dict[str, float] = {}
         self.networks = networks  # finished, restored ones first
@@ -115,24 +120,44 @@ class _Reporter(ExperimentCallback):
         self.run.flush()  # MLflow holds every step up to the checkpoint before Tune does
         with tempfile.TemporaryDirectory(prefix="mim4dd-ckpt-") as folder:
             save_state(self.state, Path(folder) / STATE_FILE)
-            info = {"run_id": self.run.run_id, "key": self.key,
-                    "iteration": self.state["iteration"]}
+            info = {"run_id": self.run.run_id, "key": self.trial.key,
+                    "digest": self.trial.digest, "iteration": self.state["iteration"],
+                    "networks": len(self.networks)}
             (Path(folder) / TRIAL_FILE).write_text(json.dumps(info))
             networks = [asdict(net) for net in self.networks]
             (Path(folder) / NETWORKS_FILE).write_text(json.dumps(networks))
             tune.report(self.last, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _restore_folder(workdir: Path) -> Path | None:
+def _tune_checkpoint(workdir: Path) -> Path | None:
     """The trial's latest Tune checkpoint copied to `workdir`, or None when there is none."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     try:
         return Path(checkpoint.to_directory(str(workdir / "restore")))
-    except Exception:  # e.g. pruned under a stale experiment state: start over, same run
+    except Exception:  # e.g. pruned under a stale experiment state: another one, or afresh
         logging.getLogger(__name__).warning("cannot read the trial checkpoint", exc_info=True)
         return None
+
+
+def _resume_folder(workdir: Path, left: list[str]) -> Path | None:
+    """The newest checkpoint whose state reads: Tune's or one of `left` (newest first), Tune's
+    on a tie; None to start afresh."""
+    tune_own = _tune_checkpoint(workdir)
+    candidates = ([tune_own] if tune_own else []) + [Path(p) for p in left]
+
+    def rank(folder: Path) -> tuple[int, int]:
+        info = _read_json(folder / TRIAL_FILE)
+        return int(info.get("iteration", 0)), int(info.get("networks", 0))
+
+    for folder in sorted(candidates, key=rank, reverse=True):  # stable: Tune's first on a tie
+        try:
+            read_state(folder / STATE_FILE)  # cut short by a kill, or pruned since: the next
+        except Exception:
+            continue
+        return folder
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -173,7 +198,7 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
 
     with tempfile.TemporaryDirectory(prefix="mim4dd-trial-") as tmp:
         workdir = Path(tmp)
-        restored = _restore_folder(workdir)
+        restored = _resume_folder(workdir, context.checkpoints_left.get(trial.key, []))
         saved = _read_json(restored / TRIAL_FILE) if restored else {}
         run = TrialRun.open(client, context.parent_run_id, context.sweep, trial,
                             run_id=saved.get("run_id"), tags=context.source_tags)
@@ -214,7 +239,7 @@ def _run_and_log(
     run.set_tags(_node_tags())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
-    reporter = _Reporter(run, trial.key, context.checkpoint_every, list(networks))
+    reporter = _Reporter(run, trial, context.checkpoint_every, list(networks))
     result = run_experiment(trial.config, callback=reporter, state=state,
                             checkpoint_every=context.checkpoint_every, evaluated=networks)
     iterations = int(result.synset.manifest.get("iterations_done", trial.config.iterations))
@@ -231,5 +256,4 @@ def _run_and_log(
     return {"iteration": iterations, **metrics}
 
 
-__all__ = ["DETERMINISTIC_ERRORS", "FAILED", "NETWORKS_FILE", "TRIAL_FILE", "LaunchContext",
-           "train_trial"]
+__all__ = ["DETERMINISTIC_ERRORS", "FAILED", "NETWORKS_FILE", "LaunchContext", "train_trial"]

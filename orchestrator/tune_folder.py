@@ -3,7 +3,12 @@
 `Tuner.restore` unpickles the folder's state files, so a folder another user could have
 written is never restored (any such file could run code here); and a trial whose newest
 checkpoint folder is gone would fail every relaunch with "Could not recover from checkpoint",
-so such a folder is set aside and the trials start afresh in their same MLflow runs.
+so such a folder is set aside and its trials go on in their same MLflow runs.
+
+Tune's view of a killed sweep can lag its files: the driver deletes a trial's older checkpoint
+when it registers the newer one, and saves the state naming the newer one a moment later. So a
+trial resumes from the newest of our checkpoints left on disk (`resumable_checkpoints`), not
+only from the one Tune names.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ RESULTS_FILE = "result.json"  # Tune's per-trial result rows (JSON lines)
 CHECKPOINT_KEY = "checkpoint_dir_name"  # in a row that came with a checkpoint
 STATE_GLOB = "experiment_state-*.json"  # Tune's experiment state, one per (re)launch
 CHECKPOINT_NAME = re.compile(r"checkpoint_\d{6}")
+# In each of our checkpoints, beside the engine state: which trial (key, config digest, MLflow
+# run) wrote it, at which iteration and after how many evaluation networks.
+TRIAL_FILE = "trial.json"
 
 
 def unsafe_files(folder: Path) -> list[str]:
@@ -85,8 +93,27 @@ def restore_blockers(folder: Path) -> list[str]:
     if unsafe:
         return [f"not restoring a Tune experiment another user could have written: {u}"
                 for u in unsafe]
-    return [f"checkpoint {c} is gone; its trial starts afresh in the same run"
-            for c in missing_checkpoints(folder)]
+    return [f"checkpoint {c} is gone; its trial goes on in the same run, from the newest "
+            f"checkpoint it left if any" for c in missing_checkpoints(folder)]
 
 
-__all__ = ["missing_checkpoints", "restore_blockers", "unsafe_files"]
+def resumable_checkpoints(folder: Path, digests: dict[str, str]) -> dict[str, list[str]]:
+    """Per trial key, the checkpoint folders under `folder` written for that key's current
+    config digest (`digests`), newest first: by iteration, then by evaluation networks done.
+    None from a folder another user could have written."""
+    if not folder.is_dir() or unsafe_files(folder):
+        return {}
+    found: dict[str, list[tuple[int, int, str]]] = {}
+    for info_file in folder.glob(f"*/checkpoint_*/{TRIAL_FILE}"):
+        try:
+            info = json.loads(info_file.read_text())
+            key, rank = info["key"], (int(info["iteration"]), int(info.get("networks", 0)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # cut short by a kill, or written by an older mim4dd
+        if digests.get(key) is not None and info.get("digest") == digests[key]:
+            found.setdefault(key, []).append((*rank, str(info_file.parent)))
+    return {key: [path for *_, path in sorted(rows, reverse=True)] for key, rows in found.items()}
+
+
+__all__ = ["TRIAL_FILE", "missing_checkpoints", "restore_blockers", "resumable_checkpoints",
+           "unsafe_files"]

@@ -5,7 +5,8 @@ A Tune experiment folder (``<storage>/<sweep name>``) remembers the trials it wa
 for (`TRIALS_FILE`: key -> config digest). A relaunch restores it with
 `Tuner.restore(..., resume_errored=True)` when it was started for exactly the current trials
 and holds every unfinished one; otherwise the folder is set aside and a fresh experiment
-runs the unfinished trials only.
+runs the unfinished trials only. Either way each trial resumes from the newest checkpoint of its
+current config found in the folder (`tune_folder.resumable_checkpoints`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from orchestrator.board import Board, BoardFeed, TuneCallback, showing, trial_di
 from orchestrator.expand import Trial
 from orchestrator.spec import SweepSpec
 from orchestrator.trainable import LaunchContext
-from orchestrator.tune_folder import restore_blockers
+from orchestrator.tune_folder import restore_blockers, resumable_checkpoints
 
 # Environment for the driver and every Ray worker (set before Ray starts).
 RAY_ENV = {
@@ -119,32 +121,38 @@ def run_tune(
 
     from orchestrator.trainable import train_trial
 
-    trainable = tune.with_resources(
-        # The typed trials travel through Ray's object store; Tune's param space (which turns
-        # dataclasses into tuples) holds only their keys.
-        tune.with_parameters(train_trial, context=context, trials={t.key: t for t in trials}),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-    )
     storage = Path(os.environ.get(STORAGE_ENV) or tracking.home() / "ray_results")
     folder = storage / spec.name
+    digests = {t.key: t.digest for t in remaining}
+
+    def trainable(checkpoints_from: Path) -> Any:
+        left = resumable_checkpoints(checkpoints_from, digests)
+        return tune.with_resources(
+            # The typed trials travel through Ray's object store; Tune's param space (which
+            # turns dataclasses into tuples) holds only their keys.
+            tune.with_parameters(train_trial, context=replace(context, checkpoints_left=left),
+                                 trials={t.key: t for t in trials}),
+            {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+        )
+
     resumed, notes = _restorable(folder, trials, remaining)
     for note in notes:
         say(note)
     if resumed:
         try:
-            tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(str(folder), trainable(folder), resume_errored=True)
         except Exception as exc:  # e.g. saved by an older mim4dd whose classes have moved
             say(f"cannot restore the Tune experiment in {folder} ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); its trials start afresh in their same runs")
+                f"{str(exc)[:200]}); its trials go on in their same runs")
             resumed = False
     if not resumed:
+        aside = folder.with_name(f"{spec.name}.replaced-{int(time.time())}")
         if folder.exists():  # a different set of trials: keep it, out of the way
-            folder.rename(folder.with_name(f"{spec.name}.replaced-{int(time.time())}"))
+            folder.rename(aside)
         folder.mkdir(parents=True)
-        keys = {t.key: t.digest for t in remaining}
-        (folder / TRIALS_FILE).write_text(json.dumps(keys, indent=2) + "\n")
+        (folder / TRIALS_FILE).write_text(json.dumps(digests, indent=2) + "\n")
         tuner = tune.Tuner(
-            trainable,
+            trainable(aside),
             param_space={"trial": tune.grid_search([t.key for t in remaining])},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=spec.max_concurrent, reuse_actors=True,

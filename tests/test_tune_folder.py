@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 
-from orchestrator.tune_folder import missing_checkpoints, restore_blockers, unsafe_files
+from orchestrator.tune_folder import (
+    TRIAL_FILE, missing_checkpoints, restore_blockers, resumable_checkpoints, unsafe_files,
+)
 
 
 def make_experiment(tmp_path):
@@ -56,3 +58,30 @@ def test_files_others_could_have_written_block_restore(tmp_path):
     assert any("tuner.pkl is writable by group or others" in f for f in found)
     assert any("params.pkl is a symbolic link" in f for f in found)
     assert all("another user could have written" in r for r in restore_blockers(folder))
+
+
+def write_checkpoint(trial, index, **info):
+    folder = trial / f"checkpoint_{index:06d}"
+    folder.mkdir(parents=True)
+    (folder / TRIAL_FILE).write_text(json.dumps(info))
+    return str(folder)
+
+
+def test_checkpoints_left_are_found_newest_first_for_the_current_config_only(tmp_path):
+    folder, trial = make_experiment(tmp_path)
+    old = write_checkpoint(trial, 2, key="lam=0", digest="d0", iteration=20)
+    new = write_checkpoint(trial, 3, key="lam=0", digest="d0", iteration=30)
+    evaluating = write_checkpoint(trial, 4, key="lam=0", digest="d0", iteration=30, networks=2)
+    write_checkpoint(trial, 5, key="lam=0", digest="older config", iteration=40)
+    write_checkpoint(trial, 6, key="lam=0", iteration=50)  # an older mim4dd's: no digest
+    other = write_checkpoint(folder / "lam=1_def", 0, key="lam=1", digest="d1", iteration=10)
+    (trial / "checkpoint_000007").mkdir()
+    (trial / "checkpoint_000007" / TRIAL_FILE).write_text('{"key": "lam=0", "dig')  # cut short
+
+    digests = {"lam=0": "d0", "lam=1": "d1"}
+    assert resumable_checkpoints(folder, digests) == {"lam=0": [evaluating, new, old],
+                                                      "lam=1": [other]}
+    assert resumable_checkpoints(folder, {"lam=0": "d0"}) == {"lam=0": [evaluating, new, old]}
+    assert resumable_checkpoints(tmp_path / "none", digests) == {}
+    os.chmod(folder / "tuner.pkl", 0o666)  # another user could have written it: nothing
+    assert resumable_checkpoints(folder, digests) == {}
