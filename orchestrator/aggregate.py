@@ -7,8 +7,10 @@ population std (ddof=0, as `EvalResult.std` and the DD literature report it):
   mean ± std of those per-seed means;
 * pooled: mean ± std over every network of every seed together;
 
-and, for a cell whose λ = 0 twin ran the same seeds, the paired difference from it with its
-95 % confidence interval (`orchestrator.paired`). Accuracies are percentages throughout.
+the validation accuracy, mean ± std over seeds, and which λ of each group of otherwise equal
+cells the validation split picks (`CHOSEN`: the test split never chooses); and, for a cell whose
+λ = 0 twin ran the same seeds, the paired difference from it with its 95 % confidence interval
+(`orchestrator.paired`). Accuracies are percentages throughout.
 """
 
 from __future__ import annotations
@@ -23,17 +25,22 @@ from typing import Any
 
 import pandas as pd
 
-from mim4dd.evaluate import NET_TEST_ACC, metric_architecture
+from mim4dd.evaluate import NET_TEST_ACC, VAL_ACC_MEAN, metric_architecture
 from orchestrator import paired
 
 SEED = "seed"
 _NET_COLUMN = re.compile(r"^test_acc_net(\d+)_pct$")  # the trial frame's per-network accuracy
 CELL_METRIC = "cell/"  # parent-run metrics: cell/<cell>/<summary column>
+VAL = "val_acc_mean_pct"  # the trial frame's validation accuracy (mean over its networks)
+VAL_MEAN, VAL_STD = "val_mean_pct", "val_std_pct"  # over seeds
+# 1 for the cell of the highest validation mean among cells differing only in λ, else 0
+# (NaN without a λ axis or validation accuracies: nothing to choose)
+CHOSEN = "chosen_on_val"
 
 SUMMARY_COLUMNS = [
     "n_seeds", "n_nets",
     "seed_level_mean_pct", "seed_level_std_pct", "pooled_mean_pct", "pooled_std_pct",
-    *paired.COLUMNS,
+    VAL_MEAN, VAL_STD, CHOSEN, *paired.COLUMNS,
 ]
 
 
@@ -47,7 +54,8 @@ def _hashable(value: Any) -> Any:
 def trial_frame(runs: Iterable[Any]) -> tuple[pd.DataFrame, list[str]]:
     """One row per FINISHED trial run: key, swept settings, seed, per-network accuracies (%):
     the headline's as `test_acc_net<i>_pct`, and in a cross-architecture evaluation every
-    architecture's as `<arch>/test_acc_net<i>_pct` (`orchestrator.cross_arch`).
+    architecture's as `<arch>/test_acc_net<i>_pct` (`orchestrator.cross_arch`); and the
+    headline's validation accuracy (`VAL`, NaN without a validation split).
 
     Returns the frame and the swept axes (the dotted paths of the trials' grid points). When a
     trial key ran more than once (a changed config), only its newest finished run counts.
@@ -66,6 +74,7 @@ def trial_frame(runs: Iterable[Any]) -> tuple[pd.DataFrame, list[str]]:
         values = tracking.trial_values(run)
         row = {"trial_key": key, "run_id": run.info.run_id}
         row |= {axis: _hashable(values.get(axis)) for axis in [*axes, SEED]}
+        row[VAL] = run.data.metrics.get(VAL_ACC_MEAN, math.nan)
         for name, value in run.data.metrics.items():
             arch, headline = metric_architecture(name)
             if match := NET_TEST_ACC.match(headline):
@@ -105,6 +114,7 @@ def summarize(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
     for values, group in _groups(frame, cells):
         seeds = per_seed[values]
         pooled = pd.Series(group[nets].to_numpy(dtype=float).ravel()).dropna()
+        val = group.groupby(SEED)[VAL].mean().dropna() if VAL in group else pd.Series()
         rows.append({
             **dict(zip(cells, values, strict=True)),
             "n_seeds": len(seeds),
@@ -113,10 +123,26 @@ def summarize(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
             "seed_level_std_pct": seeds.std(ddof=0),
             "pooled_mean_pct": pooled.mean(),
             "pooled_std_pct": pooled.std(ddof=0),
+            VAL_MEAN: val.mean() if len(val) else math.nan,
+            VAL_STD: val.std(ddof=0) if len(val) else math.nan,
             paired.N_PAIRS: 0,
             **versus.get(values, {}),
         })
-    return pd.DataFrame(rows, columns=[*cells, *SUMMARY_COLUMNS])
+    summary = pd.DataFrame(rows, columns=[*cells, *SUMMARY_COLUMNS])
+    summary[CHOSEN] = _chosen_on_validation(summary, cells)
+    return summary
+
+
+def _chosen_on_validation(summary: pd.DataFrame, cells: Sequence[str]) -> pd.Series:
+    """1 where a cell has the highest validation mean among the cells that differ from it only
+    in λ (the first on a tie), else 0; NaN without a λ axis or validation accuracies."""
+    if paired.LAM not in cells or summary[VAL_MEAN].isna().all():
+        return pd.Series(math.nan, index=summary.index)
+    chosen = pd.Series(0, index=summary.index)
+    for _, group in _groups(summary, [c for c in cells if c != paired.LAM]):
+        if group[VAL_MEAN].notna().any():
+            chosen[group[VAL_MEAN].idxmax()] = 1
+    return chosen
 
 
 def _nanmean(values: Any) -> float:
@@ -131,7 +157,9 @@ def cell_axes(summary: pd.DataFrame) -> list[str]:
 LEGEND = ("seed-level: mean ± std over seeds of each seed's mean over its networks; pooled: "
           "over every network of every seed (population std). Δ: the paired difference from "
           "the same seeds at λ = 0, in percentage points, with its 95 % confidence interval "
-          "(Student t over seeds).")
+          "(Student t over seeds). val: validation accuracy, mean ± std over seeds; 'λ picked "
+          "on val': the cell whose validation mean is highest among those differing only in λ "
+          "(the test split never chooses).")
 
 
 def number_text(value: Any) -> str:
@@ -152,6 +180,7 @@ def display_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
     """The summary for people, one dict of text per cell: the table of `report` and of
     summary.md."""
     axes = cell_axes(summary)
+    validated = bool(summary[VAL_MEAN].notna().any())
     rows = []
     for row in summary.to_dict("records"):  # records keep ints as ints, unlike iterrows
         shown = {a: number_text(row[a]) for a in axes}
@@ -160,8 +189,13 @@ def display_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
             mean, std = row[f"{kind}_mean_pct"], row[f"{kind}_std_pct"]
             shown[f"test acc % {what} (mean ± std)"] = f"{mean:.2f} ± {std:.2f}"
         shown["nets"] = str(row["n_nets"])
+        if validated:
+            shown["val % (mean ± std)"] = (
+                "" if math.isnan(row[VAL_MEAN]) else f"{row[VAL_MEAN]:.2f} ± {row[VAL_STD]:.2f}")
         if paired.LAM in axes:
             shown["Δ vs λ = 0, pp [95 % CI]"] = _difference(row)
+            if validated:
+                shown["λ picked on val"] = "yes" if row[CHOSEN] == 1 else ""
         rows.append(shown)
     return rows
 

@@ -93,6 +93,8 @@ def describe_sweep(spec: SweepSpec) -> str:
         "**Results** per grid cell, over seeds, as metrics of this run "
         "(`cell/<axis>_<value>/...`):\n\n"
         "- `seed_level_mean_pct` ± `seed_level_std_pct`: test accuracy (%), mean ± std;\n"
+        "- `val_mean_pct` ± `val_std_pct`: validation accuracy (%); `chosen_on_val` = 1: the "
+        "λ the validation split picks among cells differing only in λ;\n"
         "- `diff_vs_lam0_mean_pct` [`diff_vs_lam0_ci95_low_pct`, `diff_vs_lam0_ci95_high_pct`]:"
         " the difference from the same seeds at λ = 0, in points, with its paired 95 % "
         "confidence interval.\n\n"
@@ -106,12 +108,15 @@ def describe_trial(sweep: str, trial: Trial) -> str:
     c = trial.config
     method = (f"{c.base.upper()} + MIM (λ = {c.lam:g})" if c.lam
               else f"{c.base.upper()} alone (λ = 0, the baseline)")
+    headline, *others = c.eval.models
+    also = (f" The other architectures' are `eval/<architecture>/...` ({', '.join(others)})."
+            if others else "")
     return (
         f"Trial `{trial.key}` of sweep **{sweep}**: {method} on {c.dataset}, {c.ipc} synthetic "
         f"image(s) per class, seed {c.seed}, {c.iterations} iterations.\n\n"
         f"Result: `eval/test_acc_mean_pct`, the mean test accuracy (%) of {c.eval.num_nets} "
-        f"fresh ConvNets trained {c.eval.epochs} epochs on the synthetic set; the set is in "
-        "the artifacts (`synset/`) and previewed under images."
+        f"fresh {headline} networks trained {c.eval.epochs} epochs on the synthetic set.{also} "
+        "The set is in the artifacts (`synset/`) and previewed under images."
     )
 
 

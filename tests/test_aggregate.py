@@ -40,6 +40,7 @@ def test_seed_level_and_pooled_by_hand():
         "lam": 0.0, "n_seeds": 2, "n_nets": 4,
         "seed_level_mean_pct": 70.0, "seed_level_std_pct": 10.0,
         "pooled_mean_pct": 70.0, "pooled_std_pct": 100 * math.sqrt(0.015), "n_pairs": 0,
+        "val_mean_pct": math.nan, "val_std_pct": math.nan, "chosen_on_val": math.nan,
         **dict.fromkeys(paired.COLUMNS[1:], math.nan),
     }, nan_ok=True)
     # lam=0.8: per-seed .9 .7 .9 -> 83.33 ± 100*sqrt(.02667/3);
@@ -50,10 +51,32 @@ def test_seed_level_and_pooled_by_hand():
         "lam": 0.8, "n_seeds": 3, "n_nets": 6,
         "seed_level_mean_pct": 250 / 3, "seed_level_std_pct": 100 * math.sqrt(0.08 / 9),
         "pooled_mean_pct": 250 / 3, "pooled_std_pct": 100 * math.sqrt(0.28 / 18),
+        "val_mean_pct": math.nan, "val_std_pct": math.nan, "chosen_on_val": math.nan,
         "n_pairs": 2, "diff_vs_lam0_mean_pct": 10.0,
         "diff_vs_lam0_ci95_low_pct": 10 - 12.7062047 * 20,
         "diff_vs_lam0_ci95_high_pct": 10 + 12.7062047 * 20,
-    })
+    }, nan_ok=True)
+
+
+def test_the_validation_split_picks_lambda_per_group_and_the_test_split_never_does():
+    # (dataset, lam): per-seed validation accuracies; test accuracies run the other way, so a
+    # choice made on the test split would differ
+    val = {("digits", 0.0): [50, 52], ("digits", 0.8): [56, 58], ("digits", 1.6): [54, 54],
+           ("MNIST", 0.0): [90, 92], ("MNIST", 0.8): [88, 89]}
+    rows = [{"dataset": d, "lam": lam, "seed": seed, "val_acc_mean_pct": v,
+             "test_acc_net0_pct": 100 - v}
+            for (d, lam), seeds in val.items() for seed, v in enumerate(seeds)]
+    summary = aggregate.summarize(pd.DataFrame(rows), ["dataset", "lam", "seed"])
+    found = {(r["dataset"], r["lam"]): r for r in summary.to_dict("records")}
+    assert found["digits", 0.8]["val_mean_pct"] == 57.0
+    assert found["digits", 0.8]["val_std_pct"] == 1.0
+    assert found["digits", 1.6]["val_std_pct"] == 0.0
+    chosen = {cell for cell, row in found.items() if row["chosen_on_val"]}
+    assert chosen == {("digits", 0.8), ("MNIST", 0.0)}  # one per dataset; lam 0 may win
+    shown = {(r["dataset"], r["lam"]): r for r in aggregate.display_rows(summary)}
+    assert shown["digits", "0.8"]["λ picked on val"] == "yes"
+    assert shown["digits", "0"]["λ picked on val"] == ""
+    assert shown["MNIST", "0.8"]["val % (mean ± std)"] == "88.50 ± 0.50"
 
 
 def test_two_axes_a_missing_network_and_no_axis():
@@ -125,7 +148,7 @@ def test_report_files(tmp_path):
     names = sorted(p.name for p in files)
     # a plot for the numeric axis, none for the dataset names
     assert names == ["accuracy_vs_lam.png", "summary.csv", "summary.md", "trials.csv"]
-    assert pd.read_csv(tmp_path / "summary.csv").shape == (len(summary), 12)
+    assert pd.read_csv(tmp_path / "summary.csv").shape == (len(summary), 15)
     markdown = (tmp_path / "summary.md").read_text().splitlines()
     assert markdown[0] == "# demo"
     assert markdown[2].startswith("| dataset | lam | seeds | test acc % seed-level")

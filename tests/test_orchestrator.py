@@ -31,6 +31,7 @@ from typer.testing import CliRunner  # noqa: E402
 from mim4dd.evaluate import TEST_ACC_MEAN, TEST_ACC_STD, net_metric  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
 from orchestrator import lineage, queries, service, tracking, trial_run  # noqa: E402
+import orchestrator.cli as sweep_cli  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from sweep_helpers import (  # noqa: E402
@@ -44,7 +45,7 @@ def net_accuracies(run) -> list[float]:
 
 
 @pytest.mark.slow
-def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
+def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path, monkeypatch):
     sweep_file = write_spec(tmp_path / "grid.yaml", "grid", {"lam": [0, 0.8], "seed": [0, 1]},
                             checkpoint_every=3)
     spec = load_spec(sweep_file)
@@ -125,16 +126,20 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
                       key=lambda r: int(r.data.params["seed"]))
         seed_means[lam] = per_seed = [np.mean(net_accuracies(r)) for r in runs]
         pooled = [a for r in runs for a in net_accuracies(r)]
+        val = [r.data.metrics["eval/val_acc_mean_pct"] for r in runs]
         expected[lam] = [2, 4, np.mean(per_seed), np.std(per_seed), np.mean(pooled),
-                         np.std(pooled), 0, np.nan, np.nan, np.nan]
+                         np.std(pooled), np.mean(val), np.std(val), 0, 0, np.nan, np.nan, np.nan]
+    # the validation split (never the test split) picks one lambda
+    expected[max(expected, key=lambda lam: expected[lam][6])][8] = 1
     # lam 0.8 against the same seeds at lam 0: paired, Student t with 1 degree of freedom
     diffs = np.subtract(seed_means[0.8], seed_means[0.0])
     half = 12.7062047 * np.std(diffs, ddof=1) / np.sqrt(2)
-    expected[0.8][6:] = [2, np.mean(diffs), np.mean(diffs) - half, np.mean(diffs) + half]
+    expected[0.8][9:] = [2, np.mean(diffs), np.mean(diffs) - half, np.mean(diffs) + half]
     for summary in (outcome.summary, _logged_summary(client, parent.info.run_id, tmp_path)):
         assert list(summary.columns) == ["lam", "n_seeds", "n_nets", "seed_level_mean_pct",
                                          "seed_level_std_pct", "pooled_mean_pct",
-                                         "pooled_std_pct", "n_pairs", "diff_vs_lam0_mean_pct",
+                                         "pooled_std_pct", "val_mean_pct", "val_std_pct",
+                                         "chosen_on_val", "n_pairs", "diff_vs_lam0_mean_pct",
                                          "diff_vs_lam0_ci95_low_pct",
                                          "diff_vs_lam0_ci95_high_pct"]
         for row in summary.to_dict("records"):
@@ -182,6 +187,7 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     [listed] = queries.list_sweeps()
     assert (listed["sweep"], listed["status"], listed["finished"]) == ("grid", "FINISHED", "4/4")
     assert "grid" in CliRunner().invoke(app, ["list"]).stdout
+    monkeypatch.setattr(sweep_cli.out, "width", 200)  # a wide terminal: headers are not wrapped
     report = CliRunner().invoke(app, ["report", "grid"])
     assert report.exit_code == 0 and "seed-level" in report.output, report.output
     as_csv = CliRunner().invoke(app, ["report", "grid", "--format", "csv"])
