@@ -149,5 +149,20 @@ def test_bases_comparison_names_each_base_with_its_preset():
     assert {t.config.syn_steps for t in by_base["mtt"]} == {30}  # the mtt preset's value
     assert {t.config.iterations for t in by_base["dc"]} == {10000}  # the dc preset's value
     assert 0 < spec.resources.gpu < 1
-    for name in ("lambda_ablation", "main_table"):
-        assert load_spec(ROOT / "sweeps" / f"{name}.yaml").engine["base"] == "dm"
+
+
+def test_the_flagship_sweeps_run_mtt_as_published_with_a_lambda_zero_twin_per_cell():
+    from mim4dd.presets import preset_values
+
+    for name, cells in (("lambda_ablation", 1), ("main_table", 6)):
+        trials = load_spec(ROOT / "sweeps" / f"{name}.yaml").trials()
+        assert {t.config.base for t in trials} == {"mtt"}
+        for trial in trials:  # the published settings, ZCA included, none overridden
+            published = preset_values("mtt", trial.config.preset)
+            assert {k: getattr(trial.config, k) for k in published} == published
+        twins = {(t.config.preset, t.config.seed) for t in trials if t.config.lam == 0}
+        assert len(twins) == cells * 5  # every cell and seed has its lam 0 twin
+        assert all((t.config.preset, t.config.seed) in twins for t in trials)
+    dm = load_spec(ROOT / "sweeps" / "lambda_dm_log.yaml").trials()
+    assert {t.config.base for t in dm} == {"dm"}
+    assert sorted({t.config.lam for t in dm}) == [0, 0.1, 1, 10, 100, 1000]
