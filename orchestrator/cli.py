@@ -261,28 +261,21 @@ def report(
 def evaluate(
     models: Annotated[str, typer.Option(help="Architectures, comma-separated (mim4dd/zoo.py).")],
     name: Annotated[str, typer.Argument(help="Sweep name.")], tracking_uri: TrackingUri = None,
+    address: Address = None,
+    cpus: Annotated[float, typer.Option(min=0.1, help="CPUs per trial's Ray task.")] = 1.0,
+    gpus: Annotated[float, typer.Option(min=0, help="GPUs per trial's Ray task.")] = 0.0,
 ) -> None:
-    """Evaluate a sweep's finished sets on more architectures, into each trial's run."""
+    """Evaluate a sweep's finished sets on more architectures (a Ray task each), into each
+    trial's run."""
     from orchestrator.reevaluate import SweepLockedError, evaluate_sweep
 
     try:
-        rows = evaluate_sweep(name, models, tracking_uri, say=err.print)
+        rows = evaluate_sweep(name, models, tracking_uri, say=err.print, address=address,
+                              resources={"num_cpus": cpus, "num_gpus": gpus})
     except (LookupError, ValueError, SweepLockedError) as exc:
         raise _fail(str(exc)) from None
     out.print(_table(rows, f"{name}: evaluated on {models}"))
     raise typer.Exit(int(any(row["error"] for row in rows)))  # 1 when a trial failed
-
-
-def _where(items: list[str]) -> dict[str, Any]:
-    from orchestrator.tracking import parse_value
-
-    values = {}
-    for item in items:
-        path, sep, text = item.partition("=")
-        if not sep:
-            raise _fail(f"--where takes PATH=VALUE, got {item!r}", 2)
-        values[path.strip()] = parse_value(text.strip())
-    return values
 
 
 @app.command()
@@ -302,9 +295,13 @@ def pull(
     ] = False,
 ) -> None:
     """Download a trial's synthetic set, verify its checksum, and say how to load it."""
-    from orchestrator.queries import pull_set
+    from orchestrator.queries import parse_where, pull_set
 
-    values = {"dataset": dataset, "ipc": ipc, "lam": lam, "seed": seed, **_where(where or [])}
+    try:
+        values = {"dataset": dataset, "ipc": ipc, "lam": lam, "seed": seed,
+                  **parse_where(where or [])}
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
     try:
         folder, run_id = pull_set(target, out_dir, tracking_uri, values, force=force)
     except (LookupError, ValueError) as exc:  # SyntheticSetError is a ValueError

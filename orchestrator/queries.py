@@ -192,6 +192,17 @@ def pull(run_id: str, out_dir: str | os.PathLike, tracking_uri: str | None = Non
     return out
 
 
+def parse_where(items: list[str]) -> dict[str, Any]:
+    """`pull --where PATH=VALUE` items as {path: value} (values read as logged params are)."""
+    values = {}
+    for item in items:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--where takes PATH=VALUE, got {item!r}")
+        values[path.strip()] = tracking.parse_value(text.strip())
+    return values
+
+
 def pull_set(
     target: str, out_dir: str | os.PathLike, tracking_uri: str | None = None,
     values: dict[str, Any] | None = None, force: bool = False,
@@ -263,5 +274,5 @@ def find_trial_run(
 
 
 __all__ = ["SweepReport", "SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run",
-           "list_sweeps", "open_sweep", "pull", "pull_set", "record_trials", "summarize",
-           "sweep_report", "sweep_link", "sweep_status", "ui_command"]
+           "list_sweeps", "open_sweep", "parse_where", "pull", "pull_set", "record_trials",
+           "summarize", "sweep_report", "sweep_link", "sweep_status", "ui_command"]

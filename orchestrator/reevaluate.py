@@ -1,10 +1,10 @@
 """`mim4dd-sweep evaluate`: a sweep's finished sets on more architectures, without distilling
 again, logged into each trial's own run.
 
-Sequential, in this process (no Ray: a set's evaluation is a few small networks, and one
-process keeps the order and the resumption simple). Each set is pulled (sha256-verified) and
-evaluated with its trial's own protocol (`eval.*`) on the requested architectures its run does
-not hold yet. Every network's metrics are logged as it finishes and an architecture's summary
+One Ray task per finished trial, on the embedded cluster or the one at `address` (the sets of a
+45-trial sweep train hundreds of networks: on a cluster they run where the GPUs are, not on the
+machine that typed the command). Each set is pulled (sha256-verified) and evaluated with its
+trial's own protocol (`eval.*`) on the requested architectures its run does not hold yet. Every network's metrics are logged as it finishes and an architecture's summary
 (mean, std) last, at step 0 under `arch_metric` names, so an architecture whose summary a run
 holds is skipped, a stopped `evaluate` resumes from the networks the runs hold, and no metric
 is ever logged twice. A trial's own headline architecture is not retrained: its logged numbers
@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from mim4dd.config import Config
 from mim4dd.evaluate import (
@@ -35,11 +36,14 @@ from orchestrator.trial_run import TrialRun
 
 def evaluate_sweep(
     name: str, models: str | list[str], tracking_uri: str | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = print, address: str | None = None,
+    resources: Mapping[str, float] | None = None,
 ) -> list[dict[str, str]]:
     """Evaluate every finished trial of sweep `name` (current configs) on `models` (a list or
-    comma-separated); one row per trial: the architectures added, those it had already, and
-    the error of a trial that could not be evaluated."""
+    comma-separated), a Ray task each (`resources`: Ray's num_cpus / num_gpus per task, 1 CPU
+    by default) on the cluster at `address` (or $RAY_ADDRESS; else one started here); one row
+    per trial: the architectures added, those it had already, and the error of a trial that
+    could not be evaluated. `say` hears each trial's progress lines as its task ends."""
     if isinstance(models, str):
         models = [m.strip() for m in models.split(",") if m.strip()]
     if not models:
@@ -48,20 +52,59 @@ def evaluate_sweep(
         if arch not in ARCHITECTURES:
             raise ValueError(unknown_architecture_message(arch))
     client, parent = queries.open_sweep(name, tracking_uri)
-    rows = []
+    uri = tracking.resolve_tracking_uri(tracking_uri)  # the workers log to the same store
     with sweep_lock(name, tracking.home()):  # no launch (or evaluate) logs to these runs now
         digests = queries.current_digests(client, parent)
         finished = tracking.runs_by_key(tracking.child_runs(client, parent), digests, "FINISHED")
-        for key, run in sorted(finished.items()):
-            row = {"trial": key, "added": "", "already there": "", "error": ""}
+        return _run_tasks(sorted(finished.items()), models, uri, say, address,
+                          dict(resources or {"num_cpus": 1}))
+
+
+def _run_tasks(
+    runs: list[tuple[str, Any]], models: list[str], uri: str, say: Callable[[str], None],
+    address: str | None, resources: dict[str, float],
+) -> list[dict[str, str]]:
+    """Every run's evaluation as a Ray task; rows in the order of `runs`."""
+    import ray
+
+    from orchestrator.tune_run import ray_session
+
+    say(f"{len(runs)} finished trial(s): a Ray task each ({resources})")
+    with ray_session(address):
+        task = ray.remote(_evaluate_task).options(**resources)
+        threads = max(1, int(resources.get("num_cpus", 1)))
+        pending = {task.remote(run.info.run_id, key, models, uri, threads): key
+                   for key, run in runs}
+        rows: dict[str, dict[str, str]] = {}
+        while pending:
+            [done], _ = ray.wait(list(pending))
+            key = pending.pop(done)
             try:
-                added, there = _evaluate_run(client, run, models, tracking_uri,
-                                             lambda text, key=key: say(f"{key}: {text}"))
-                row["added"], row["already there"] = ", ".join(added), ", ".join(there)
-            except ValueError as exc:  # an architecture these images do not fit, a bad set
-                row["error"] = str(exc)
-            rows.append(row)
-    return rows
+                rows[key], lines = ray.get(done)
+            except Exception as exc:  # a lost worker, say: this trial only, the rest go on
+                rows[key], lines = _row(key, error=f"{type(exc).__name__}: {exc}"[:500]), []
+            for line in lines:
+                say(f"{key}: {line}")
+            say(f"{len(rows)}/{len(runs)} trials evaluated")
+    return [rows[key] for key, _ in runs]
+
+
+def _row(key: str, added: str = "", there: str = "", error: str = "") -> dict[str, str]:
+    return {"trial": key, "added": added, "already there": there, "error": error}
+
+
+def _evaluate_task(
+    run_id: str, key: str, models: list[str], uri: str, threads: int,
+) -> tuple[dict[str, str], list[str]]:
+    """One trial's evaluation in a Ray worker: its row and its progress lines."""
+    torch.set_num_threads(threads)  # the cores Ray reserved for it, not every core of the node
+    client = tracking.connect(uri)
+    lines: list[str] = []
+    try:
+        added, there = _evaluate_run(client, client.get_run(run_id), models, uri, lines.append)
+    except ValueError as exc:  # an architecture these images do not fit, a bad set
+        return _row(key, error=str(exc)), lines
+    return _row(key, ", ".join(added), ", ".join(there)), lines
 
 
 def _headline(run: Any) -> str:

@@ -156,6 +156,7 @@ def test_a_trial_killed_mid_evaluation_resumes_without_redoing_networks(home, tm
 
 @pytest.mark.slow
 def test_evaluate_adds_architectures_to_a_finished_sweep_once(ray_cluster, home, tmp_path):
+    from orchestrator import reevaluate
     from orchestrator.reevaluate import evaluate_sweep
 
     path = write_spec(tmp_path / "plain.yaml", "plain", {"seed": [0, 1]})  # ConvNet only
@@ -171,8 +172,14 @@ def test_evaluate_adds_architectures_to_a_finished_sweep_once(ray_cluster, home,
         if sum(" network " in line for line in said) == 3:
             raise Stop  # as Ctrl-C would, after that network's metrics were logged
 
+    # Stopped after the third network, as Ctrl-C would after its metrics were logged: here in
+    # this process, through what each Ray task of `evaluate_sweep` runs for its trial.
+    client, _, children = sweep_runs(tracking.resolve_tracking_uri(), "plain")
+    by_key = {r.data.tags[tracking.TAG_KEY]: r for r in children}
     with pytest.raises(Stop):
-        evaluate_sweep("plain", "convnet,mlp", say=stop_at_the_third_network)
+        for key in sorted(by_key):
+            reevaluate._evaluate_run(client, by_key[key], ["convnet", "mlp"], None,
+                                     stop_at_the_third_network)
     said.clear()
     rows = evaluate_sweep("plain", ["convnet", "mlp"], say=said.append)
     # Resumed: only the one network the stop left untrained was trained.
