@@ -11,6 +11,7 @@ L_MIM = sum_k L_k. See docs/method.md for every choice made here.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,22 +23,42 @@ def pool_to_grid(maps: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(maps, grid).flatten(1)
 
 
+@dataclass(frozen=True)
+class Pairs:
+    """The (synthetic, real) pairs of a step: each positive's and each negative's weight in
+    its mean, and r, negatives per positive. The same for every block, so built once a step:
+    its one read-back to the host (the counts) then happens once, not per block, and the
+    masked sums need none (boolean indexing would wait for the device each time)."""
+
+    positive_weight: torch.Tensor  # 1 / #positives on positive pairs, else 0
+    negative_weight: torch.Tensor  # 1 / #negatives on negative pairs, else 0
+    log_r: float | None  # None: no contrast to learn from (a single class, say)
+
+    @classmethod
+    def of(cls, syn_labels: torch.Tensor, real_labels: torch.Tensor) -> Pairs:
+        positive = (syn_labels.unsqueeze(1) == real_labels.unsqueeze(0)).float()
+        num_pos = int(positive.sum())
+        num_neg = positive.numel() - num_pos
+        log_r = math.log(num_neg / num_pos) if num_pos and num_neg else None
+        return cls(positive / max(num_pos, 1), (1 - positive) / max(num_neg, 1), log_r)
+
+
 def nce_loss(
     z_syn: torch.Tensor, z_real: torch.Tensor, syn_labels: torch.Tensor, real_labels: torch.Tensor,
-    tau: float,
+    tau: float, pairs: Pairs | None = None,
 ) -> torch.Tensor:
-    """NCE over all cross pairs with the CRD critic. Inputs are L2-normalised embeddings."""
-    positive = syn_labels.unsqueeze(1) == real_labels.unsqueeze(0)
-    num_pos, num_neg = int(positive.sum()), int((~positive).sum())
-    if num_pos == 0 or num_neg == 0:
-        return z_syn.new_zeros(())  # no contrast to learn from (a single class, say)
-    log_r = math.log(num_neg / num_pos)
+    """NCE over all cross pairs with the CRD critic. Inputs are L2-normalised embeddings;
+    `pairs`, when given, is `Pairs.of(syn_labels, real_labels)` built once for every block."""
+    pairs = pairs or Pairs.of(syn_labels, real_labels)
+    if pairs.log_r is None:
+        return z_syn.new_zeros(())
     scores = z_syn @ z_real.T / tau
     # log h and log(1 - h) through logaddexp, which stays finite for any score.
-    log_denominator = torch.logaddexp(scores, torch.full_like(scores, log_r))
+    log_denominator = torch.logaddexp(scores, torch.full_like(scores, pairs.log_r))
     log_h = scores - log_denominator
-    log_one_minus_h = log_r - log_denominator
-    return -log_h[positive].mean() - math.exp(log_r) * log_one_minus_h[~positive].mean()
+    log_one_minus_h = pairs.log_r - log_denominator
+    return (-(log_h * pairs.positive_weight).sum()
+            - math.exp(pairs.log_r) * (log_one_minus_h * pairs.negative_weight).sum())
 
 
 class MIMTerm(nn.Module):
@@ -55,10 +76,11 @@ class MIMTerm(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Total L_MIM and the per-block terms (for logging)."""
         per_block = []
+        pairs = Pairs.of(syn_labels, real_labels)
         for syn_head, real_head, f_syn, f_real in zip(
             self.syn_heads, self.real_heads, syn_features, real_features, strict=True
         ):
             z_syn = F.normalize(syn_head(f_syn), dim=1)
             z_real = F.normalize(real_head(f_real), dim=1)
-            per_block.append(nce_loss(z_syn, z_real, syn_labels, real_labels, self.tau))
+            per_block.append(nce_loss(z_syn, z_real, syn_labels, real_labels, self.tau, pairs))
         return torch.stack(per_block).sum(), per_block
