@@ -9,7 +9,6 @@ MLflow) happen inside the commands, so a bad sweep file fails fast and starts no
 from __future__ import annotations
 
 import os
-import signal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mim4dd.cli import VersionOption
+from orchestrator.locks import stop_on_sigterm
 from orchestrator.spec import SpecError, SweepSpec, load_spec
 
 app = typer.Typer(
@@ -78,7 +78,7 @@ def launch(
 ) -> None:
     """Run a sweep's unfinished trials (missing expert buffers first); relaunching resumes."""
     spec = _load(spec_file, address, tracking_uri, max_trials)
-    _stop_on_sigterm()
+    stop_on_sigterm()
     from orchestrator.experts import ExpertStageError
     from orchestrator.locks import SweepLockedError
     from orchestrator.preflight import PreflightError
@@ -123,7 +123,7 @@ def experts(
 ) -> None:
     """Train the expert buffers a sweep's trajectory-matching trials need, and nothing else."""
     spec = _load(spec_file, address, tracking_uri)
-    _stop_on_sigterm()
+    stop_on_sigterm()
     from orchestrator.experts import ExpertStageError
     from orchestrator.locks import SweepLockedError
     from orchestrator.service import prepare_experts
@@ -140,12 +140,6 @@ def experts(
     rows = [{"buffer": b.digest, "experts": b.count, "trained now": len(b.trained),
              "trials": len(b.trials), "folder": b.directory} for b in buffers]
     out.print(_table(rows, f"{spec.name}: expert buffers ready"))
-
-
-def _stop_on_sigterm() -> None:
-    """`timeout`, `kill` and job schedulers send SIGTERM: stop as on Ctrl-C (Tune's own SIGINT
-    handling when it runs), so runs end KILLED and a relaunch resumes them."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 def _load(
@@ -323,9 +317,12 @@ def ui(
         "127.0.0.1",
     workers: Annotated[int, typer.Option(min=1, help="UI server processes.")] = 1,
     tracking_uri: TrackingUri = None,
+    open_browser: Annotated[bool, typer.Option(
+        "--open", help="Also open the link in your browser ($BROWSER) once the UI answers.")
+    ] = False,
 ) -> None:
     """Open the MLflow UI on the embedded store (runs `mlflow ui`)."""
-    from orchestrator import tracking
+    from orchestrator import browser, tracking
     from orchestrator.queries import sweep_link, ui_command
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -333,13 +330,17 @@ def ui(
     if not tracking.is_embedded(uri):
         link = f"; sweep {sweep}: {sweep_link(sweep, uri, uri)}" if sweep else ""
         raise _fail(f"{uri} is a tracking server already: open it in a browser{link}")
+    link = base
     if sweep:
         try:
-            out.print(f"sweep {sweep}: {sweep_link(sweep, base, uri)}", highlight=False)
+            link = sweep_link(sweep, base, uri)
         except LookupError as exc:
             raise _fail(str(exc)) from None
+        out.print(f"sweep {sweep}: {link}", highlight=False)
     command = ui_command(uri, host, port, workers)
     err.print(f"MLflow UI on {base} for {uri}")
+    if open_browser:
+        browser.open_when_up(base, link)
     os.execv(command[0], command)  # replace this process: Ctrl-C stops the UI directly
 
 

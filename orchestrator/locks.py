@@ -97,6 +97,13 @@ def stop_launch(name: str, home: Path) -> int:
     return holder["pid"]
 
 
+def stop_on_sigterm() -> None:
+    """The receiving side of `stop_launch`, and of `timeout`, `kill` and job schedulers: stop
+    as on Ctrl-C (Tune's own SIGINT handling when it runs), so runs end KILLED and a relaunch
+    resumes them."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+
+
 def _lock_path(name: str, home: Path) -> Path:
     return home / "locks" / f"{name}.lock"
 
@@ -109,4 +116,5 @@ def _holder(path: Path) -> str:
         return f"lock {path}"
 
 
-__all__ = ["SweepLockedError", "held", "running_launch", "stop_launch", "sweep_lock"]
+__all__ = ["SweepLockedError", "held", "running_launch", "stop_launch", "stop_on_sigterm",
+           "sweep_lock"]
