@@ -18,11 +18,12 @@ from mim4dd.atomic import write_atomic
 from mim4dd.config import Config, EvalConfig
 from mim4dd.data import DatasetError
 from mim4dd.distill import Distiller, save_state
-from mim4dd.evaluate import EvalResult, NetResult
+from mim4dd.evaluate import EvalResult, NetEpoch, NetResult
 from mim4dd.experiment import (
     RESULTS_FILE, STATE_FILE, ExperimentCallback, evaluate_synset, finished_in, load_data,
     run_experiment,
 )
+from mim4dd.loglines import LogLines
 from mim4dd.objectives import DivergenceError
 from mim4dd.settings import get_dotted, set_dotted, validation_problems
 from mim4dd.synset import SyntheticSet, SyntheticSetError
@@ -100,6 +101,16 @@ def _eval_plan(config: EvalConfig) -> str:
             f"{', '.join(config.models)}")
 
 
+# In a log (stderr not a terminal): a line every 5 % of a distillation, every 10 % of each
+# evaluation network's and each expert's epochs.
+step_lines, epoch_lines = LogLines(console, 20), LogLines(console, 10)
+
+
+def _print_epoch(epoch: NetEpoch) -> None:
+    epoch_lines(epoch.epoch, epoch.epochs, f"{epoch.architecture} network {epoch.index + 1}: "
+                f"epoch {epoch.epoch}/{epoch.epochs}  loss {epoch.loss:.4g}")
+
+
 def _print_network(network: NetResult) -> None:
     """A progress line per finished evaluation network."""
     line = (f"{network.architecture} network {network.index + 1}: test "
@@ -125,16 +136,12 @@ def default_out_dir(config: Config) -> Path:
     return Path("runs") / f"{config.dataset}-ipc{config.ipc}-{config.base}-lam{config.lam:g}-seed{config.seed}"
 
 
-LOG_LINES = 20  # progress lines per distillation when stderr is a log, not a terminal
-
-
 class _ProgressCallback(ExperimentCallback):
-    """A rich progress bar with the loss (in a log file: a plain line every 5 % of the run), a
-    resumable state file every N iterations, and a line when evaluation starts."""
+    """A rich progress bar with the loss (in a log file: plain lines, `step_lines`), a
+    resumable state file every N iterations, and lines for the evaluation."""
 
     def __init__(self, progress: Progress, task, state_path: Path, total: int):
         self.progress, self.task, self.state_path, self.total = progress, task, state_path, total
-        self.every = max(1, total // LOG_LINES)
 
     def on_start(self, distiller: Distiller) -> None:
         if distiller.iteration:
@@ -146,8 +153,7 @@ class _ProgressCallback(ExperimentCallback):
         loss += f", mim {metrics['loss_mim']:.4g})" if "loss_mim" in metrics else ")"
         rate = f"{1 / max(metrics['seconds_per_iteration'], 1e-9):.2f} it/s"
         self.progress.update(self.task, completed=iteration, loss=loss, rate=rate)
-        if not console.is_terminal and (iteration % self.every == 0 or iteration == self.total):
-            console.print(f"iteration {iteration}/{self.total}  {loss}  {rate}", highlight=False)
+        step_lines(iteration, self.total, f"iteration {iteration}/{self.total}  {loss}  {rate}")
 
     def on_checkpoint(self, iteration: int, state: dict) -> None:
         save_state(state, self.state_path)
@@ -158,6 +164,9 @@ class _ProgressCallback(ExperimentCallback):
 
     def on_network(self, network: NetResult) -> None:
         _print_network(network)
+
+    def on_eval_epoch(self, epoch: NetEpoch) -> None:
+        _print_epoch(epoch)
 
 
 def _progress() -> Progress:
@@ -269,7 +278,8 @@ def evaluate_command(
         raise _fail(f"invalid evaluation settings:\n{problems}") from None
     try:
         console.print(f"evaluating {path}: {_eval_plan(config.eval)}")
-        evaluation = evaluate_synset(synset, config, on_network=_print_network)
+        evaluation = evaluate_synset(synset, config, on_network=_print_network,
+                                     on_epoch=_print_epoch)
     except (DatasetError, ValueError) as exc:
         raise _fail(str(exc)) from None
     out = out or path / "evaluation.json"
@@ -318,12 +328,12 @@ def experts_command(
             task = progress.add_task(f"experts {config.dataset} x{count}", total=count * epochs,
                                      loss="", rate="")
 
-            def report(index: int, epoch: int) -> None:
+            def report(index: int, epoch: int, loss: float | None) -> None:
                 progress.update(task, completed=index * epochs + epoch,
                                 loss=f"expert {index + 1}/{count}")
-                if not console.is_terminal and epoch == epochs:  # a log: a line per expert
-                    console.print(f"expert {index + 1}/{count} trained ({epochs} epochs)",
-                                  highlight=False)
+                done = "trained before" if loss is None else f"loss {loss:.4g}"
+                epoch_lines(epoch, epochs, f"expert {index + 1}/{count}: epoch {epoch}/{epochs}"
+                                           f"  {done}")
 
             buffer = train_experts(config, count, folder, callback=report, data=data)
     except (DatasetError, ExpertBufferError, ValueError) as exc:

@@ -89,6 +89,17 @@ class NetResult:
     val_accuracy: float | None  # None without a validation split
 
 
+@dataclass(frozen=True)
+class NetEpoch:
+    """An evaluation network finished an epoch of training: progress to show, not a result."""
+
+    architecture: str
+    index: int
+    epoch: int  # 1 .. epochs
+    epochs: int
+    loss: float  # its mean training loss over the epoch
+
+
 @dataclass
 class EvalResult:
     """The networks of one architecture (the headline: `EvalConfig.models[0]`), and `others`:
@@ -224,12 +235,14 @@ class Evaluator:
         self, images: torch.Tensor, labels: torch.Tensor, lr: float | torch.Tensor | None = None,
         parallel: bool | None = None, done: Iterable[NetResult] = (),
         on_network: Callable[[NetResult], None] | None = None,
+        on_epoch: Callable[[NetEpoch], None] | None = None,
     ) -> EvalResult:
         """Train every network from its own seed; `lr` (a learned step size) overrides config.
 
         `done`: networks an earlier, stopped evaluation of the same set finished; they are not
         trained again, and the result equals an uninterrupted evaluation's. `on_network` is
-        called with each network this call finishes, in order, so that a caller can save it.
+        called with each network this call finishes, in order, so that a caller can save it;
+        `on_epoch` with each network's every epoch (its loss costs one host read per epoch).
         """
         lr = float(lr) if lr is not None else self.config.lr
         if parallel is None:
@@ -243,7 +256,7 @@ class Evaluator:
             together = parallel and not self.batch_norm[arch] and todo
             for group in [todo] if together else [[i] for i in todo]:
                 seeds = [self.config.seed + i for i in group]
-                ensemble = self._train(arch, seeds, images, labels, lr)
+                ensemble = self._train(arch, seeds, images, labels, lr, on_epoch, group)
                 test = self._accuracy(ensemble, self.data.test)
                 val = (self._accuracy(ensemble, self.data.val) if len(self.data.val)
                        else [None] * len(group))
@@ -267,7 +280,9 @@ class Evaluator:
         return finished
 
     def _train(self, arch: str, seeds: list[int], images: torch.Tensor, labels: torch.Tensor,
-               lr: float) -> _Ensemble:
+               lr: float, on_epoch: Callable[[NetEpoch], None] | None = None,
+               indices: Sequence[int] = ()) -> _Ensemble:
+        """The networks of `seeds` (networks `indices` of `arch`, for `on_epoch`), trained."""
         config = self.config
         ensemble = _Ensemble([self._network(arch, s) for s in seeds], self.device, self.forward)
         ensemble.train(True)
@@ -280,8 +295,9 @@ class Evaluator:
         # Each network shuffles and augments with its own generator, as if trained alone.
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         n, batch = len(labels), min(config.batch_size, len(labels))
-        for _epoch in range(config.epochs):
+        for epoch in range(config.epochs):
             orders = torch.stack([torch.randperm(n, generator=g) for g in generators])
+            epoch_loss = torch.zeros(len(seeds), device=self.device)
             for start in range(0, n, batch):
                 index = orders[:, start : start + batch].to(self.device)  # nets x batch
                 x = torch.stack(
@@ -289,12 +305,17 @@ class Evaluator:
                 )
                 logits = ensemble(x)
                 # Summing the per-network losses keeps each network's gradient its own.
-                loss = F.cross_entropy(logits.flatten(0, 1), labels[index].flatten(),
-                                       reduction="none").view(len(seeds), -1).mean(1).sum()
+                losses = F.cross_entropy(logits.flatten(0, 1), labels[index].flatten(),
+                                         reduction="none").view(len(seeds), -1).mean(1)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                losses.sum().backward()
                 optimizer.step()
+                epoch_loss += losses.detach()  # summed on the device: no host read per step
             schedule.step()
+            if on_epoch is not None:
+                means = (epoch_loss / -(-n // batch)).tolist()  # over the epoch's batches
+                for i, loss in zip(indices, means, strict=True):
+                    on_epoch(NetEpoch(arch, i, epoch + 1, config.epochs, loss))
         return ensemble
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ from mim4dd.config import Config, EvalConfig
 from mim4dd.data import RealData, load_for, whitened
 from mim4dd.device import resolve_device
 from mim4dd.distill import INIT_STREAM, DistillCallback, Distiller, read_state, step_seed
-from mim4dd.evaluate import EvalResult, Evaluator, NetResult
+from mim4dd.evaluate import EvalResult, Evaluator, NetEpoch, NetResult
 from mim4dd.synset import SyntheticSet
 
 RESULTS_FILE = "results.json"  # beside a saved set: its config, progress and evaluation
@@ -40,6 +40,9 @@ class ExperimentCallback(DistillCallback):
     def on_network(self, network: NetResult) -> None:
         """An evaluation network finished; saved, it spares a resumed run from retraining it
         (`run_experiment(evaluated=...)`)."""
+
+    def on_eval_epoch(self, epoch: NetEpoch) -> None:
+        """An evaluation network finished an epoch (progress only)."""
 
 
 @dataclass
@@ -92,10 +95,11 @@ def evaluator_for(config: Config, data: RealData) -> Evaluator:
 def evaluate_synset(
     synset: SyntheticSet, config: Config, data: RealData | None = None,
     done: Iterable[NetResult] = (), on_network: Callable[[NetResult], None] | None = None,
+    on_epoch: Callable[[NetEpoch], None] | None = None,
 ) -> EvalResult:
     """Evaluate a set under `config.eval`, using its learned lr when it carries one. A ZCA set
     is evaluated in exactly its own space: the real splits are whitened by its stored
-    transform, not by a refit. `done` and `on_network`: see `Evaluator.evaluate`."""
+    transform, not by a refit. `done`, `on_network`, `on_epoch`: see `Evaluator.evaluate`."""
     if data is None:
         data = load_data(config.model_copy(update={"zca": False}))
         data = whitened(data, synset.zca) if synset.zca is not None else data
@@ -103,7 +107,8 @@ def evaluate_synset(
         raise ValueError("the set and the data are not in the same space: one is ZCA-whitened "
                          "and the other is not")
     return evaluator_for(config, data).evaluate(synset.images, synset.labels, synset.lr,
-                                                done=done, on_network=on_network)
+                                                done=done, on_network=on_network,
+                                                on_epoch=on_epoch)
 
 
 def random_real_subset(
@@ -158,12 +163,13 @@ def run_experiment(
             # The final state, before evaluating: a caller that saves it with the finished
             # networks (`on_network`) resumes a stopped evaluation without distilling again.
             callback.on_checkpoint(done, distiller.state_dict())
-        on_network = None
+        on_network = on_epoch = None
         if isinstance(callback, ExperimentCallback):
             callback.on_evaluation_start(config.eval)
-            on_network = callback.on_network
+            on_network, on_epoch = callback.on_network, callback.on_eval_epoch
         evaluation = evaluator.evaluate(synset.images, synset.labels, synset.lr,
-                                        done=evaluated, on_network=on_network)
+                                        done=evaluated, on_network=on_network,
+                                        on_epoch=on_epoch)
     return ExperimentResult(synset, evaluation)
 
 

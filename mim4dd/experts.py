@@ -44,6 +44,8 @@ TENSOR = "trajectory"
 EXPERT_STREAM = 2  # expert i is seeded by SeedSequence([EXPERT_STREAM, i]), apart from runs
 TRAIN_COMMAND = "mim4dd experts"
 _HASH_CHUNK = 1 << 24
+# (expert index, epochs done, its mean training loss that epoch; None: trained before)
+ExpertCallback = Callable[[int, int, "float | None"], None]
 
 
 class ExpertBufferError(ValueError):
@@ -120,9 +122,10 @@ def _sha256_file(path: Path) -> str:
 
 def train_expert(
     config: Config, index: int, out_dir: str | Path, data: RealData | None = None,
-    callback: Callable[[int, int], None] | None = None,
+    callback: ExpertCallback | None = None,
 ) -> Path:
-    """Train expert `index` and write its trajectory; `callback(index, epoch)` after each epoch.
+    """Train expert `index` and write its trajectory; `callback(index, epoch, loss)` after each
+    epoch, `loss` its mean training loss (one host read per epoch).
 
     One expert per call, so experts can be trained in parallel (say, as Ray tasks) and the
     manifest written afterwards with `write_manifest`.
@@ -147,15 +150,18 @@ def train_expert(
     snapshots = [flat.flatten(net).cpu()]
     for epoch in range(config.expert_train_epochs):
         order = torch.randperm(len(labels), generator=generator).to(device)
-        for index_batch in order.split(config.expert_batch):
+        batches = order.split(config.expert_batch)
+        epoch_loss = torch.zeros((), device=device)
+        for index_batch in batches:
             x = dsa(images[index_batch], generator)
             loss = F.cross_entropy(net(x), labels[index_batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            epoch_loss += loss.detach()  # summed on the device: no host read per step
         snapshots.append(flat.flatten(net).cpu())
         if callback is not None:
-            callback(index, epoch + 1)
+            callback(index, epoch + 1, epoch_loss.item() / len(batches))
     trajectory = torch.stack(snapshots).to(torch.float32).contiguous()
     if not torch.isfinite(trajectory).all():
         raise ExpertBufferError(f"expert {index} diverged (non-finite weights); lower expert_lr")
@@ -215,12 +221,12 @@ def write_manifest(config: Config, out_dir: str | Path, count: int, data: RealDa
 
 def train_experts(
     config: Config, num_experts: int | None = None, out_dir: str | Path | None = None,
-    callback: Callable[[int, int], None] | None = None, data: RealData | None = None,
+    callback: ExpertCallback | None = None, data: RealData | None = None,
 ) -> ExpertBuffer:
     """Train the buffer for `config` (`config.num_experts` by default) and open it.
 
-    Idempotent: experts already written for this key are kept (`callback(i, epochs)` reports
-    them), so an interrupted run resumes, and a larger count extends the buffer.
+    Idempotent: experts already written for this key are kept (`callback(i, epochs, None)`
+    reports them), so an interrupted run resumes, and a larger count extends the buffer.
     """
     data = data or load_for(config)
     out_dir = Path(out_dir) if out_dir is not None else expert_dir(config, data)
@@ -235,7 +241,7 @@ def train_experts(
     for index in range(count):
         if index not in missing:
             if callback is not None:
-                callback(index, config.expert_train_epochs)
+                callback(index, config.expert_train_epochs, None)
             continue
         train_expert(config, index, out_dir, data, callback)
     write_manifest(config, out_dir, count, data)
@@ -342,5 +348,5 @@ class ExpertBuffer:
 
 __all__ = [
     "ExpertBuffer", "ExpertBufferError", "expert_dir", "expert_key", "key_digest",
-    "missing_experts", "train_expert", "train_experts", "write_manifest",
+    "ExpertCallback", "missing_experts", "train_expert", "train_experts", "write_manifest",
 ]

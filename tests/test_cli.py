@@ -61,6 +61,19 @@ def test_evaluate_a_saved_set_on_several_architectures(tmp_path, digits):
     assert unfit.exit_code == 2 and "lenet: cannot take 1x8x8 images" in unfit.output
 
 
+def test_piped_evaluate_prints_a_line_every_tenth_of_each_networks_epochs(tmp_path, digits):
+    out = tmp_path / "set"
+    run_experiment(tiny_config(iterations=1), digits, evaluate=False).save(out)
+    result = CliRunner().invoke(app, ["evaluate", str(out), "--epochs", "20", "--num-nets", "2"])
+    assert result.exit_code == 0, result.output
+    # CliRunner's stderr is not a terminal, as in `mim4dd evaluate ... 2> log`.
+    lines = [line.split("  loss ") for line in result.stderr.splitlines() if " epoch " in line]
+    assert [head for head, _ in lines] == [
+        f"convnet network {net}: epoch {epoch}/20" for net in (1, 2) for epoch in range(2, 21, 2)]
+    assert all(float(loss) > 0 for _, loss in lines)
+    assert " epoch " not in result.stdout and "test accuracy:" in result.stdout
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["distill", "--dataset", "imagenet", "--out", str(tmp_path)])

@@ -22,8 +22,14 @@ def test_mtt_needs_the_experts_command_then_distills(tmp_path):
 
     trained = runner.invoke(app, ["experts", "--dataset", "digits", *MTT, *buffer])
     assert trained.exit_code == 0, trained.output
-    assert "2 trajectories x 3 checkpoints" in trained.output
-    assert "expert 2/2 trained" in trained.output  # not a terminal: a progress line per expert
+    assert "2 trajectories x 3 checkpoints" in trained.stdout  # the result, on stdout
+    # Not a terminal: a line per 10 % of each expert's epochs (here every epoch), on stderr.
+    epochs = [line.split("  loss ")[0] for line in trained.stderr.splitlines()
+              if line.startswith("expert ") and "  loss " in line]
+    assert epochs == [f"expert {i}/2: epoch {e}/2" for i in (1, 2) for e in (1, 2)]
+    assert "epoch" not in trained.stdout
+    again = runner.invoke(app, ["experts", "--dataset", "digits", *MTT, *buffer])
+    assert "expert 2/2: epoch 2/2  trained before" in again.stderr
 
     done = runner.invoke(app, distill)
     assert done.exit_code == 0, done.output
