@@ -64,6 +64,20 @@ def arch_metric(arch: str, name: str) -> str:
     return f"{EVAL_PREFIX}{arch}/{name.removeprefix(EVAL_PREFIX)}"
 
 
+# The same evaluation of a random real subset of the same size (mim4dd/baseline.py): every
+# name above with "random_" after the prefix, e.g. eval/random_test_acc_mean_pct (not
+# eval/random/...: that would read as an architecture named "random").
+RANDOM = "random_"
+RANDOM_TEST_ACC_MEAN = f"{EVAL_PREFIX}{RANDOM}test_acc_mean_pct"
+
+
+def random_metric(name: str) -> str:
+    """The random-real baseline's counterpart of metric `name`."""
+    arch, rest = metric_architecture(name)
+    rest = EVAL_PREFIX + RANDOM + rest.removeprefix(EVAL_PREFIX)
+    return arch_metric(arch, rest) if arch else rest
+
+
 def metric_architecture(name: str) -> tuple[str | None, str]:
     """(architecture, the name without it), the inverse of `arch_metric`; (None, name) for a
     headline name: `metric_architecture(arch_metric(a, TEST_ACC_MEAN)) == (a, TEST_ACC_MEAN)`."""
