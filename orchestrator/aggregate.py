@@ -10,7 +10,8 @@ population std (ddof=0, as `EvalResult.std` and the DD literature report it):
 the validation accuracy, mean ± std over seeds, and which λ of each group of otherwise equal
 cells the validation split picks (`CHOSEN`: the test split never chooses); and, for a cell whose
 λ = 0 twin ran the same seeds, the paired difference from it with its 95 % confidence interval
-(`orchestrator.paired`). Accuracies are percentages throughout.
+(`orchestrator.paired`); in a sweep with `random_baseline`, the random-real baseline and the
+paired improvement over it (`orchestrator.versus_random`). Accuracies are percentages throughout.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from mim4dd.evaluate import NET_TEST_ACC, VAL_ACC_MEAN, metric_architecture
-from orchestrator import paired
+from orchestrator import paired, versus_random
 
 SEED = "seed"
 _NET_COLUMN = re.compile(r"^test_acc_net(\d+)_pct$")  # the trial frame's per-network accuracy
@@ -40,7 +41,7 @@ CHOSEN = "chosen_on_val"
 SUMMARY_COLUMNS = [
     "n_seeds", "n_nets",
     "seed_level_mean_pct", "seed_level_std_pct", "pooled_mean_pct", "pooled_std_pct",
-    VAL_MEAN, VAL_STD, CHOSEN, *paired.COLUMNS,
+    VAL_MEAN, VAL_STD, CHOSEN, *paired.COLUMNS, *versus_random.COLUMNS,
 ]
 
 
@@ -75,6 +76,7 @@ def trial_frame(runs: Iterable[Any]) -> tuple[pd.DataFrame, list[str]]:
         row = {"trial_key": key, "run_id": run.info.run_id}
         row |= {axis: _hashable(values.get(axis)) for axis in [*axes, SEED]}
         row[VAL] = run.data.metrics.get(VAL_ACC_MEAN, math.nan)
+        row[versus_random.FRAME_COLUMN] = versus_random.trial_value(run.data.metrics)
         for name, value in run.data.metrics.items():
             arch, headline = metric_architecture(name)
             if match := NET_TEST_ACC.match(headline):
@@ -115,6 +117,8 @@ def summarize(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
         seeds = per_seed[values]
         pooled = pd.Series(group[nets].to_numpy(dtype=float).ravel()).dropna()
         val = group.groupby(SEED)[VAL].mean().dropna() if VAL in group else pd.Series()
+        random = (group.groupby(SEED)[versus_random.FRAME_COLUMN].mean()
+                  if versus_random.FRAME_COLUMN in group else pd.Series())
         rows.append({
             **dict(zip(cells, values, strict=True)),
             "n_seeds": len(seeds),
@@ -127,6 +131,7 @@ def summarize(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
             VAL_STD: val.std(ddof=0) if len(val) else math.nan,
             paired.N_PAIRS: 0,
             **versus.get(values, {}),
+            **versus_random.versus_random(seeds, random),
         })
     summary = pd.DataFrame(rows, columns=[*cells, *SUMMARY_COLUMNS])
     summary[CHOSEN] = _chosen_on_validation(summary, cells)
@@ -159,7 +164,7 @@ LEGEND = ("seed-level: mean ± std over seeds of each seed's mean over its netwo
           "the same seeds at λ = 0, in percentage points, with its 95 % confidence interval "
           "(Student t over seeds). val: validation accuracy, mean ± std over seeds; 'λ picked "
           "on val': the cell whose validation mean is highest among those differing only in λ "
-          "(the test split never chooses).")
+          "(the test split never chooses). " + versus_random.LEGEND)
 
 
 def number_text(value: Any) -> str:
@@ -181,6 +186,7 @@ def display_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
     summary.md."""
     axes = cell_axes(summary)
     validated = bool(summary[VAL_MEAN].notna().any())
+    baselined = bool(summary[versus_random.RANDOM_MEAN].notna().any())
     rows = []
     for row in summary.to_dict("records"):  # records keep ints as ints, unlike iterrows
         shown = {a: number_text(row[a]) for a in axes}
@@ -192,6 +198,8 @@ def display_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
         if validated:
             shown["val % (mean ± std)"] = (
                 "" if math.isnan(row[VAL_MEAN]) else f"{row[VAL_MEAN]:.2f} ± {row[VAL_STD]:.2f}")
+        if baselined:
+            shown |= versus_random.display(row)
         if paired.LAM in axes:
             shown["Δ vs λ = 0, pp [95 % CI]"] = _difference(row)
             if validated:

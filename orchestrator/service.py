@@ -108,7 +108,8 @@ def _launch(
         tune_errors: dict[str, str] = {}
         if remaining:
             context = LaunchContext(spec.name, uri, parent_id, spec.checkpoint_every,
-                                    spec.resources.cpu, tuple(plugin_modules()), source_tags)
+                                    spec.resources.cpu, tuple(plugin_modules()), source_tags,
+                                    random_baseline=spec.random_baseline)
             console = console or Console(stderr=True)
             if _cluster_address(spec) and tracking.is_embedded(uri):
                 console.print(f"[yellow]warning:[/] trials on other machines cannot reach {uri}; "

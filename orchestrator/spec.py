@@ -67,6 +67,11 @@ class SweepSpec(BaseModel):
     max_concurrent: int | None = Field(None, ge=1)
     retries: int = Field(1, ge=0, description="Tune max_failures per trial")
     checkpoint_every: int = Field(50, ge=1, description="iterations between Tune checkpoints")
+    # A sweep setting, not an engine one: it adds numbers to a trial without changing its set,
+    # so it leaves every trial's config digest (and a finished trial) as it is.
+    random_baseline: bool = Field(
+        False, description="also evaluate a random real subset of each trial's size (cached "
+        "per data x IPC x seed x protocol); report shows 'Δ vs random'")
     ray_address: str | None = None
     tracking_uri: str | None = None
     max_trials: int = Field(DEFAULT_MAX_TRIALS, ge=1, description="refuse a larger grid")

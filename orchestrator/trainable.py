@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from ray import tune
 
+from mim4dd.baseline import random_baseline, random_metrics
 from mim4dd.bases import load_plugins
 from mim4dd.config import EvalConfig
 from mim4dd.data import DatasetError
@@ -67,6 +68,9 @@ class LaunchContext:
     # Per trial key, checkpoints of its current config an earlier launch left, newest first
     # (`tune_folder.resumable_checkpoints`)
     checkpoints_left: dict[str, list[str]] = field(default_factory=dict)
+    # The sweep's `random_baseline`: also log the random-real baseline (mim4dd/baseline.py).
+    # A default, so a context pickled by an older driver still reads.
+    random_baseline: bool = False
 
 
 class _Reporter(ExperimentCallback):
@@ -245,6 +249,10 @@ def _run_and_log(
     iterations = int(result.synset.manifest.get("iterations_done", trial.config.iterations))
     assert result.evaluation is not None
     metrics = run.log_evaluation(result.evaluation)
+    if context.random_baseline:  # computed once per data, IPC, seed and protocol, then cached
+        baseline = random_metrics(random_baseline(trial.config))
+        run.log_once(baseline)
+        metrics |= baseline
     run.log_once(_peak_memory())
 
     out = workdir / "out"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("mlflow")
-from orchestrator import aggregate, paired, tracking  # noqa: E402
+from orchestrator import aggregate, paired, tracking, versus_random  # noqa: E402
 
 # lam=0:   seed 0 nets (.5, .7) -> .6;  seed 1 (.8, .8) -> .8
 # lam=0.8: seed 0 (.9, .9) -> .9;  seed 1 (.6, .8) -> .7;  seed 2 (.8, 1.0) -> .9
@@ -42,6 +42,7 @@ def test_seed_level_and_pooled_by_hand():
         "pooled_mean_pct": 70.0, "pooled_std_pct": 100 * math.sqrt(0.015), "n_pairs": 0,
         "val_mean_pct": math.nan, "val_std_pct": math.nan, "chosen_on_val": math.nan,
         **dict.fromkeys(paired.COLUMNS[1:], math.nan),
+        **dict.fromkeys(versus_random.COLUMNS, math.nan),
     }, nan_ok=True)
     # lam=0.8: per-seed .9 .7 .9 -> 83.33 ± 100*sqrt(.02667/3);
     # pooled .9 .9 .6 .8 .8 1.0 -> 83.33 ± 100*sqrt(.09333/6).
@@ -55,6 +56,7 @@ def test_seed_level_and_pooled_by_hand():
         "n_pairs": 2, "diff_vs_lam0_mean_pct": 10.0,
         "diff_vs_lam0_ci95_low_pct": 10 - 12.7062047 * 20,
         "diff_vs_lam0_ci95_high_pct": 10 + 12.7062047 * 20,
+        **dict.fromkeys(versus_random.COLUMNS, math.nan),
     }, nan_ok=True)
 
 
@@ -77,6 +79,28 @@ def test_the_validation_split_picks_lambda_per_group_and_the_test_split_never_do
     assert shown["digits", "0.8"]["λ picked on val"] == "yes"
     assert shown["digits", "0"]["λ picked on val"] == ""
     assert shown["MNIST", "0.8"]["val % (mean ± std)"] == "88.50 ± 0.50"
+
+
+def test_improvement_over_random_is_paired_by_seed():
+    # Baselines (%): seed 0 -> 50, seed 1 -> 60; lam=0.8's seed 2 has none.
+    data = frame()
+    data[versus_random.FRAME_COLUMN] = [50.0 if s == 0 else 60.0 if s == 1 else math.nan
+                                        for s in data["seed"]]
+    rows = aggregate.summarize(data, ["lam", "seed"]).to_dict("records")
+    # lam=0: per seed 60, 80 -> d = 10, 20; lam=0.8: 90, 70 (seed 2 unpaired) -> d = 40, 10.
+    assert {k: rows[0][k] for k in versus_random.COLUMNS} == pytest.approx(
+        {"random_mean_pct": 55.0, "random_std_pct": 5.0,
+         "diff_vs_random_mean_pct": 15.0, "diff_vs_random_std_pct": 5.0})
+    assert rows[1]["diff_vs_random_mean_pct"] == pytest.approx(25.0)
+    assert rows[1]["diff_vs_random_std_pct"] == pytest.approx(15.0)
+    shown = aggregate.display_rows(aggregate.summarize(data, ["lam", "seed"]))
+    assert shown[0]["random % (mean ± std)"] == "55.00 ± 5.00"
+    assert shown[1]["Δ vs random, pp (mean ± std)"] == "+25.00 ± 15.00"
+    metrics = aggregate.cell_metrics(aggregate.summarize(data, ["lam", "seed"]))
+    assert metrics["cell/lam_0.8/diff_vs_random_mean_pct"] == pytest.approx(25.0)
+    # Without baselines the report has no such columns.
+    assert "random % (mean ± std)" not in aggregate.display_rows(
+        aggregate.summarize(frame(), ["lam", "seed"]))[0]
 
 
 def test_two_axes_a_missing_network_and_no_axis():
@@ -148,7 +172,7 @@ def test_report_files(tmp_path):
     names = sorted(p.name for p in files)
     # a plot for the numeric axis, none for the dataset names
     assert names == ["accuracy_vs_lam.png", "summary.csv", "summary.md", "trials.csv"]
-    assert pd.read_csv(tmp_path / "summary.csv").shape == (len(summary), 15)
+    assert pd.read_csv(tmp_path / "summary.csv").shape == (len(summary), 19)
     markdown = (tmp_path / "summary.md").read_text().splitlines()
     assert markdown[0] == "# demo"
     assert markdown[2].startswith("| dataset | lam | seeds | test acc % seed-level")
