@@ -82,6 +82,8 @@ def trial_frame(runs: Iterable[Any]) -> tuple[pd.DataFrame, list[str]]:
             if match := NET_TEST_ACC.match(headline):
                 column = f"test_acc_net{match.group(1)}_pct"
                 row[f"{arch}/{column}" if arch else column] = value
+            elif arch and headline == versus_random.TRIAL_METRIC:  # for the per-arch table
+                row[f"{arch}/{versus_random.FRAME_COLUMN}"] = value
         rows.append(row)
     return pd.DataFrame(rows), axes
 

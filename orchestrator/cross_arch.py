@@ -4,7 +4,9 @@ Rows are the cells of the main table, columns the architectures of `eval.models`
 architecture's numbers are `aggregate.summarize` run on that architecture's networks alone, so
 seed-level mean ± std (and, with a λ axis, the paired difference from λ = 0) mean exactly what
 they mean in the main table. In csv and json every architecture's columns are
-`<arch>/<summary column>` (e.g. `resnet18/seed_level_mean_pct`), beside the main columns.
+`<arch>/<summary column>` (e.g. `resnet18/seed_level_mean_pct`), beside the main columns; a
+sweep with `random_baseline` adds each architecture's paired improvement over random real images
+(`<arch>/diff_vs_random_mean_pct`, `orchestrator.versus_random`).
 
 The table exists when the trials logged per-architecture metrics: the engine names them for
 any evaluation but the default ConvNet alone (`EvalResult.per_architecture`).
@@ -18,10 +20,11 @@ from pathlib import Path
 import pandas as pd
 
 from mim4dd.zoo import ARCHITECTURES
-from orchestrator import aggregate, paired
+from orchestrator import aggregate, paired, versus_random
 
 _ARCH_NET = re.compile(r"^([a-z0-9_]+)/(test_acc_net\d+_pct)$")  # a trial frame's column
-COLUMNS = ["n_seeds", "seed_level_mean_pct", "seed_level_std_pct", *paired.COLUMNS]
+COLUMNS = ["n_seeds", "seed_level_mean_pct", "seed_level_std_pct", *paired.COLUMNS,
+           versus_random.DIFF_MEAN]
 TITLE = "test accuracy % per architecture (seed-level mean ± std over seeds)"
 
 
@@ -47,7 +50,10 @@ def summarize(frame: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
     for arch in archs:
         nets = {c: _ARCH_NET.match(str(c))[2] for c in frame.columns
                 if (m := _ARCH_NET.match(str(c))) and m[1] == arch}
-        # The architecture's networks under the names aggregate.summarize reads.
+        # The architecture's networks (and random baseline) under the names
+        # aggregate.summarize reads.
+        random = column(arch, versus_random.FRAME_COLUMN)
+        nets |= {random: versus_random.FRAME_COLUMN} if random in frame else {}
         own = aggregate.summarize(base.join(frame[list(nets)].rename(columns=nets)), cells)
         own = own[[*cells, *COLUMNS]].rename(columns={c: column(arch, c) for c in COLUMNS})
         # Same frame, same cells: every architecture's rows come in the same order.
@@ -82,6 +88,8 @@ def display_rows(table: pd.DataFrame) -> list[dict[str, str]]:
             text = f"{mean:.2f} ± {std:.2f}" if seeds else ""
             if 0 < seeds < most:
                 text += f" ({seeds} of {most} seeds)"
+            if not pd.isna(diff := row.get(column(arch, versus_random.DIFF_MEAN))):
+                text += f" (Δ vs random {diff:+.2f})"
             shown[arch] = text
         rows.append(shown)
     return rows

@@ -6,6 +6,7 @@ Real evaluations on scikit-learn's 8x8 digits; the sweep test runs real Ray Tune
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import tiny_config
@@ -88,8 +89,12 @@ def test_a_sweep_reports_the_improvement_over_random(ray_cluster, home, tmp_path
     from orchestrator.cli import app
     from orchestrator.spec import load_spec
 
+    from sweep_helpers import TINY
+
+    evaluation = {**TINY["eval"], "models": ["convnet", "mlp"]}
     path = write_spec(tmp_path / "rnd.yaml", "rnd", {"lam": [0, 0.8], "seed": [0, 1]},
-                      base={"data_root": str(tmp_path / "data")}, random_baseline=True)
+                      base={"data_root": str(tmp_path / "data"), "eval": evaluation},
+                      random_baseline=True)
     outcome = service.launch(load_spec(path), progress=False, source=path)
     assert outcome.status == "FINISHED" and len(outcome.finished) == 4
 
@@ -97,8 +102,9 @@ def test_a_sweep_reports_the_improvement_over_random(ray_cluster, home, tmp_path
     by_seed: dict[int, set] = {}
     for run in children:
         seed, metrics = int(run.data.params["seed"]), run.data.metrics
-        random = {k: v for k, v in metrics.items() if k.startswith("eval/random_")}
+        random = {k: v for k, v in metrics.items() if "/random_" in k}
         assert random_metric(net_metric("test", 1)) in random
+        assert random_metric(arch_metric("mlp", net_metric("test", 1))) in random
         by_seed.setdefault(seed, set()).add(json.dumps(random, sort_keys=True))
     # One baseline per seed, the same in both λ's trials, computed once each.
     assert {s: len(v) for s, v in by_seed.items()} == {0: 1, 1: 1}
@@ -116,6 +122,10 @@ def test_a_sweep_reports_the_improvement_over_random(ray_cluster, home, tmp_path
         assert row["diff_vs_random_mean_pct"] == pytest.approx(sum(diffs) / 2)
         assert row["random_mean_pct"] == pytest.approx(
             sum(r for _, r in accuracy.values()) / 2)
+        # The per-architecture table: each architecture against its own baseline.
+        assert row["convnet/diff_vs_random_mean_pct"] == pytest.approx(
+            row["diff_vs_random_mean_pct"])
+        assert not math.isnan(row["mlp/diff_vs_random_mean_pct"])
     shown = CliRunner().invoke(app, ["report", "rnd"])
     assert shown.exit_code == 0 and "vs random" in shown.output, shown.output
     logged = client.get_run(parent.info.run_id).data.metrics
