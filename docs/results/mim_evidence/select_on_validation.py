@@ -1,4 +1,4 @@
-"""The evidence table: per base, lambda chosen on VALIDATION, its TEST accuracy vs lambda 0.
+"""The evidence table: per base, the best lambda > 0 on VALIDATION, its TEST accuracy vs lambda 0.
 
 `mim4dd-sweep report` aggregates test accuracy only; the choice needs the validation accuracy
 each trial logged (eval/val_acc_mean_pct). This reads the sweep's finished trial runs of its
@@ -54,7 +54,7 @@ for base in ["dm", "dc", "mtt", "cafe"]:
     candidates = [r for r in cells if r["lam"] > 0]
     chosen = max(candidates, key=lambda r: r["val_mean_pct"])["lam"] if candidates else None
     for row in cells:
-        row["chosen_on_validation"] = row["lam"] == chosen
+        row["best_above_0_on_validation"] = row["lam"] == chosen
     out += cells
 
 table = pd.DataFrame(out)
@@ -77,6 +77,7 @@ print("| base | λ (relative) | seeds | validation % | test % | Δ validation vs
       "| Δ test vs λ = 0, pp [95 % CI] |")
 print("|---|--:|--:|--:|--:|--:|--:|")
 for row in out:
-    lam = f"{row['lam']:g}" + (" (chosen)" if row["chosen_on_validation"] else "")
+    best = row["best_above_0_on_validation"]
+    lam = f"{row['lam']:g}" + (" (best λ > 0 on val)" if best else "")
     print(f"| {row['base']} | {lam} | {row['n_seeds']} | {pm(row['val_mean_pct'], row['val_std_pct'])} "
           f"| {pm(row['test_mean_pct'], row['test_std_pct'])} | {diff(row, 'val')} | {diff(row, 'test')} |")
