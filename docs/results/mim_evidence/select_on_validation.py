@@ -1,7 +1,7 @@
 """The evidence table: per base, the best lambda > 0 on VALIDATION, its TEST accuracy vs lambda 0.
 
-`mim4dd-sweep report` aggregates test accuracy only; the choice needs the validation accuracy
-each trial logged (eval/val_acc_mean_pct). This reads the sweep's finished trial runs of its
+`mim4dd-sweep report` gives each cell's validation mean and the lam it picks (lam 0 included);
+this adds the paired validation differences and the best lam > 0. It reads the sweep's finished trial runs of its
 current config from the store (the same ones `report` counts) and writes, per base and lam:
 validation and test accuracy (mean ± std over seeds, population std as `report`), the paired
 test and validation differences from lam 0 on the same seeds with their 95 % CI (Student t,
