@@ -128,20 +128,23 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path, monkeypatch):
         pooled = [a for r in runs for a in net_accuracies(r)]
         val = [r.data.metrics["eval/val_acc_mean_pct"] for r in runs]
         expected[lam] = [2, 4, np.mean(per_seed), np.std(per_seed), np.mean(pooled),
-                         np.std(pooled), np.mean(val), np.std(val), 0, 0, np.nan, np.nan, np.nan]
+                         np.std(pooled), np.mean(val), np.std(val), 0, 0, np.nan, np.nan, np.nan,
+                         *[np.nan] * 4]  # no random-real baseline in this sweep
     # the validation split (never the test split) picks one lambda
     expected[max(expected, key=lambda lam: expected[lam][6])][8] = 1
     # lam 0.8 against the same seeds at lam 0: paired, Student t with 1 degree of freedom
     diffs = np.subtract(seed_means[0.8], seed_means[0.0])
     half = 12.7062047 * np.std(diffs, ddof=1) / np.sqrt(2)
-    expected[0.8][9:] = [2, np.mean(diffs), np.mean(diffs) - half, np.mean(diffs) + half]
+    expected[0.8][9:13] = [2, np.mean(diffs), np.mean(diffs) - half, np.mean(diffs) + half]
     for summary in (outcome.summary, _logged_summary(client, parent.info.run_id, tmp_path)):
         assert list(summary.columns) == ["lam", "n_seeds", "n_nets", "seed_level_mean_pct",
                                          "seed_level_std_pct", "pooled_mean_pct",
                                          "pooled_std_pct", "val_mean_pct", "val_std_pct",
                                          "chosen_on_val", "n_pairs", "diff_vs_lam0_mean_pct",
                                          "diff_vs_lam0_ci95_low_pct",
-                                         "diff_vs_lam0_ci95_high_pct"]
+                                         "diff_vs_lam0_ci95_high_pct", "random_mean_pct",
+                                         "random_std_pct", "diff_vs_random_mean_pct",
+                                         "diff_vs_random_std_pct"]
         for row in summary.to_dict("records"):
             assert list(row.values())[1:] == pytest.approx(expected[row["lam"]], nan_ok=True)
     parent = client.get_run(parent.info.run_id)  # its metrics: every number of the table
