@@ -166,7 +166,13 @@ LEGEND = ("seed-level: mean ± std over seeds of each seed's mean over its netwo
           "the same seeds at λ = 0, in percentage points, with its 95 % confidence interval "
           "(Student t over seeds). val: validation accuracy, mean ± std over seeds; 'λ picked "
           "on val': the cell whose validation mean is highest among those differing only in λ "
-          "(the test split never chooses). " + versus_random.LEGEND)
+          "(the test split never chooses).")
+
+
+def legend(summary: pd.DataFrame) -> str:
+    """What the summary's table shows, its random-baseline columns only where it has them."""
+    baselined = bool(summary[versus_random.RANDOM_MEAN].notna().any())
+    return LEGEND + (f" {versus_random.LEGEND}" if baselined else "")
 
 
 def number_text(value: Any) -> str:
@@ -216,7 +222,7 @@ def to_markdown(summary: pd.DataFrame) -> str:
     header = list(rows[0]) if rows else [*cell_axes(summary), "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
-    return "\n".join([*lines, "", LEGEND]) + "\n"
+    return "\n".join([*lines, "", legend(summary)]) + "\n"
 
 
 def cell_metrics(summary: pd.DataFrame) -> dict[str, float]:
@@ -314,6 +320,7 @@ def log_report(client: Any, run_id: str, summary: pd.DataFrame, files: Sequence[
 
 __all__ = [
     "LEGEND",
+    "legend",
     "SUMMARY_COLUMNS",
     "cell_metrics",
     "display_rows",

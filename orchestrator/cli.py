@@ -26,7 +26,8 @@ app = typer.Typer(
     name="mim4dd-sweep", no_args_is_help=True, add_completion=False,
     help="Run MIM4DD distillation sweeps on Ray Tune, tracked in MLflow.",
 )
-out = Console(soft_wrap=True)  # long keys, URIs and run ids stay on one line
+# Keys, URIs and run ids on one line; in a log or pipe tables too (not wrapped at 80 columns).
+out = Console(soft_wrap=True, width=None if os.isatty(1) else 1000)
 err = Console(stderr=True)
 
 
@@ -55,13 +56,14 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _table(rows: list[dict[str, Any]], title: str = "") -> Table:
+def _show(rows: list[dict[str, Any]], title: str = "") -> None:
+    """Rows as a table on stdout."""
     table = Table(title=title or None)
     for column in rows[0] if rows else []:
         table.add_column(str(column))
     for row in rows:
         table.add_row(*("" if v is None else escape(str(v)) for v in row.values()))
-    return table
+    out.print(table)
 
 
 @app.command()
@@ -96,9 +98,9 @@ def launch(
     except PendingTimeoutError as exc:
         raise _fail(f"stopped: {exc}; relaunch once the resources are there") from None
     if dry_run:
-        out.print(_table(outcome.table, f"{spec.name}: {outcome.total} trials (dry run)"))
+        _show(outcome.table, f"{spec.name}: {outcome.total} trials (dry run)")
         if outcome.buffers:
-            out.print(_table(outcome.buffers, "expert buffers (as seen from this machine)"))
+            _show(outcome.buffers, "expert buffers (as seen from this machine)")
         return
     if outcome.summary is not None and not outcome.summary.empty:
         _print_summary(outcome.summary, spec.name)
@@ -139,7 +141,7 @@ def experts(
         return
     rows = [{"buffer": b.digest, "experts": b.count, "trained now": len(b.trained),
              "trials": len(b.trials), "folder": b.directory} for b in buffers]
-    out.print(_table(rows, f"{spec.name}: expert buffers ready"))
+    _show(rows, f"{spec.name}: expert buffers ready")
 
 
 def _load(
@@ -158,11 +160,11 @@ def _load(
 def _print_summary(summary: Any, name: str, architectures: Any = None, legend=False) -> None:
     from orchestrator import aggregate, cross_arch
 
-    out.print(_table(aggregate.display_rows(summary), f"{name}: test accuracy (mean ± std)"))
+    _show(aggregate.display_rows(summary), f"{name}: test accuracy (mean ± std)")
     if architectures is not None and not architectures.empty:
-        out.print(_table(cross_arch.display_rows(architectures), f"{name}: {cross_arch.TITLE}"))
+        _show(cross_arch.display_rows(architectures), f"{name}: {cross_arch.TITLE}")
     if legend:
-        out.print(aggregate.LEGEND, highlight=False)
+        out.print(aggregate.legend(summary), highlight=False)
 
 
 @app.command("list")
@@ -173,7 +175,7 @@ def list_command(tracking_uri: TrackingUri = None) -> None:
     if not (rows := list_sweeps(tracking_uri)):
         err.print("no sweeps in this store yet")
         return
-    out.print(_table(rows))
+    _show(rows)
 
 
 @app.command()
@@ -212,7 +214,7 @@ def status(
         "failure": t["failure"][:80],
     } for t in report.trials]
     if rows:
-        out.print(_table(rows))
+        _show(rows)
 
 
 @app.command()
@@ -268,7 +270,7 @@ def evaluate(
                               resources={"num_cpus": cpus, "num_gpus": gpus})
     except (LookupError, ValueError, SweepLockedError) as exc:
         raise _fail(str(exc)) from None
-    out.print(_table(rows, f"{name}: evaluated on {models}"))
+    _show(rows, f"{name}: evaluated on {models}")
     raise typer.Exit(int(any(row["error"] for row in rows)))  # 1 when a trial failed
 
 
