@@ -145,9 +145,9 @@ def _tune_checkpoint(workdir: Path) -> Path | None:
         return None
 
 
-def _resume_folder(workdir: Path, left: list[str]) -> Path | None:
-    """The newest checkpoint whose state reads: Tune's or one of `left` (newest first), Tune's
-    on a tie; None to start afresh."""
+def _resume_from(workdir: Path, left: list[str]) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose state reads, with that state: Tune's or one of `left`
+    (newest first), Tune's on a tie; None to start afresh."""
     tune_own = _tune_checkpoint(workdir)
     candidates = ([tune_own] if tune_own else []) + [Path(p) for p in left]
 
@@ -157,10 +157,9 @@ def _resume_folder(workdir: Path, left: list[str]) -> Path | None:
 
     for folder in sorted(candidates, key=rank, reverse=True):  # stable: Tune's first on a tie
         try:
-            read_state(folder / STATE_FILE)  # cut short by a kill, or pruned since: the next
-        except Exception:
+            return folder, read_state(folder / STATE_FILE)
+        except Exception:  # cut short by a kill, or pruned since: the next one
             continue
-        return folder
     return None
 
 
@@ -202,7 +201,8 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
 
     with tempfile.TemporaryDirectory(prefix="mim4dd-trial-") as tmp:
         workdir = Path(tmp)
-        restored = _resume_folder(workdir, context.checkpoints_left.get(trial.key, []))
+        resumed = _resume_from(workdir, context.checkpoints_left.get(trial.key, []))
+        restored, state = resumed if resumed else (None, None)
         saved = _read_json(restored / TRIAL_FILE) if restored else {}
         run = TrialRun.open(client, context.parent_run_id, context.sweep, trial,
                             run_id=saved.get("run_id"), tags=context.source_tags)
@@ -210,7 +210,6 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
             tune.report({**_final_metrics(run), "skipped": 1})
             return
         try:
-            state = restored / STATE_FILE if restored else None
             networks = _read_networks(restored / NETWORKS_FILE) if restored else []
             final = _run_and_log(run, trial, state, networks, workdir, context)
         except (KeyboardInterrupt, SystemExit) as exc:  # Tune stopping the trial (Ctrl-C)
@@ -237,7 +236,7 @@ def _peak_memory() -> dict[str, float]:
 
 
 def _run_and_log(
-    run: TrialRun, trial: Trial, state: Path | None, networks: list[NetResult], workdir: Path,
+    run: TrialRun, trial: Trial, state: dict | None, networks: list[NetResult], workdir: Path,
     context: LaunchContext,
 ) -> dict[str, float]:
     run.set_tags(_node_tags())
