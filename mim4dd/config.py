@@ -113,6 +113,16 @@ class Config(StrictModel):
     mim_grid: int = Field(2, gt=0, description="feature maps are average-pooled to grid x grid")
     mim_blocks: list[int] | None = Field(None, description="1-based blocks used; None = all")
     lr_heads: float = Field(0.01, gt=0)
+    mim_heads: Literal["learned", "fixed", "per_step"] = Field(
+        "learned", description="learned: drawn once from the seed, trained with the images on "
+        "L_MIM and kept across steps (our reading of the paper); fixed: drawn once, never "
+        "trained (a fixed random projection); per_step: drawn anew every step and fitted to "
+        "that step's features before they score the images (docs/method.md)"
+    )
+    mim_real_net: Literal["target", "start", "student"] = Field(
+        "target", description="mtt only: the network the real images' MIM features come "
+        "from: the expert at t + M (target), at t (start), or the student's end point"
+    )
     # optimisation
     iterations: int = Field(5000, ge=0, le=MAX_COUNT)
     lr_img: float = Field(0.1, gt=0)
@@ -202,6 +212,13 @@ class Config(StrictModel):
     @model_validator(mode="after")
     def _base_settings_fit(self) -> Config:
         base_class(self.base).check_config(self)  # what only this base needs
+        return self
+
+    @model_validator(mode="after")
+    def _real_net_is_mtts(self) -> Config:
+        if self.mim_real_net != "target" and self.base != "mtt":
+            raise ValueError(f"mim_real_net {self.mim_real_net!r} is for base mtt only (base "
+                             f"{self.base!r} has one network for both sides; allowed: 'target')")
         return self
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ from mim4dd.synset import SyntheticSet
 
 STATE_VERSION = 1
 INIT_STREAM = 1  # the initial images draw from their own stream, apart from the steps
+HEADS_STREAM = 2  # so do `mim_heads: per_step`'s heads, drawn anew every step
 # The paper's λ needs no per-term gradients; knowing them apart (to log `mim_grad_ratio`)
 # walks the synthetic side's graph twice, 1.7x the CPU time of a DM step at IPC 50, so that
 # happens every this many steps (relative mode needs them every step).
@@ -115,6 +116,10 @@ class Distiller:
         parts = {"loss_base": out.base_loss.detach()}
         if not use_mim:
             return out.base_loss, None, parts
+        if self.config.mim_heads == "per_step":
+            self.mim.redraw(step_seed(self.config.seed, batch.iteration, stream=HEADS_STREAM))
+            self.mim.fit(out.syn_features, out.real_features, batch.syn_labels,
+                         batch.real_labels, self.config.lr_heads, self.config.momentum_img)
         mim_loss, per_block = self.mim(
             out.syn_features, out.real_features, batch.syn_labels, batch.real_labels
         )
@@ -134,8 +139,13 @@ class Distiller:
     def _trained_tensors(self) -> list[torch.Tensor]:
         """The leaves the total loss trains; anything else in the graph (a network's weights,
         an unrolled student's start) gets no gradient computed at all."""
-        heads = list(self.mim.parameters()) if self.config.lam > 0 else []
-        return [self.images, *heads, *self.objective.parameters()]
+        return [self.images, *self._learned_heads(), *self.objective.parameters()]
+
+    def _learned_heads(self) -> list[torch.Tensor]:
+        """The heads the total loss trains: none at lambda = 0, and none unless `mim_heads` is
+        "learned" (fixed heads never move; per-step ones were fitted in `terms`)."""
+        learned = self.config.lam > 0 and self.config.mim_heads == "learned"
+        return list(self.mim.parameters()) if learned else []
 
     def step(self) -> dict[str, float]:
         """One optimisation step over the synthetic images, the MIM heads and the objective's
@@ -169,7 +179,7 @@ class Distiller:
                 f"{metrics['loss']}); stopping before the synthetic set is corrupted."
             )
         self.image_optimizer.step()
-        if self.config.lam > 0:
+        if self._learned_heads():
             self.head_optimizer.step()
         self.objective.after_backward(batch)  # may raise DivergenceError (a bad step size)
         learned_lr = self.objective.learned_lr()
@@ -189,7 +199,7 @@ class Distiller:
         MIM term acts at all. w is lambda (the paper's Eq. 17) or, with lam_mode "relative"
         (our extension), lambda |grad_x L_base| / |grad_x L_MIM|, which makes that ratio
         lambda on any base."""
-        heads, own = list(self.mim.parameters()), self.objective.parameters()
+        heads, own = self._learned_heads(), self.objective.parameters()
         from_base = torch.autograd.grad(base, [self.images, *own], retain_graph=True,
                                         allow_unused=True)
         from_mim = torch.autograd.grad(mim, [self.images, *heads, *own], allow_unused=True)

@@ -4,7 +4,8 @@ A leaf is one engine setting taken from the sweep file: dotted path -> (value, w
 written, e.g. "grid.ipc[1]"), so an engine error can be traced back to a line of the file.
 
 The trials: the cartesian product of the `grid` axes (first axis varies slowest), minus the
-grid points an `exclude` row matches, then one trial per `include` row. Each trial's engine
+grid points an `exclude` row matches, each point once per `variants` row (a row's settings on
+top of the point's: one-factor-at-a-time ablations), then one trial per `include` row. Each trial's engine
 config is the `engine` section with the trial's values on top; nested mappings merge field by
 field, so ``{eval: {epochs: 20}}`` and ``{eval.epochs: 20}`` mean the same thing.
 """
@@ -164,6 +165,7 @@ def _check_alone(leaves: Leaves, path: str, raw: Any, problems: list[str]) -> st
 def expand(
     engine: Mapping[str, Any], grid: Mapping[str, list[Any]], include: list[dict[str, Any]],
     exclude: list[dict[str, Any]], engine_label: str = "engine",
+    variants: list[dict[str, Any]] | None = None,
 ) -> tuple[list[Trial], list[str]]:
     """Every trial, in a deterministic order, and every problem found ("where: message");
     `engine_label` is the name the file gave its engine section, for the messages."""
@@ -172,6 +174,7 @@ def expand(
     problems += [f"{where}: {msg}" for where, msg in _build(base)[1] if where]
     axes = _axes(grid, problems)
     excludes = _exclude_rows(exclude, grid, problems)
+    rows = _variant_rows(variants or [{}], grid, problems)
     trials: list[tuple[str, Trial]] = []  # (origin, trial)
     for point in itertools.product(*(list(enumerate(v)) for v in axes.values())):
         if any(choice is None for _, choice in point):
@@ -180,17 +183,19 @@ def expand(
         texts = {axis: text for axis, (_, text) in chosen.items()}
         if any(all(texts.get(p) == t for p, t in row.items()) for row in excludes):
             continue
-        key = ",".join(f"{axis}={texts[axis]}" for axis in sorted(axes)) or BASE_KEY
-        leaves = base
+        point_leaves = base
         for axis_leaves, _ in chosen.values():
-            leaves = _merge(leaves, axis_leaves)
-        config, errors = _build(leaves)
-        for where, msg in errors:  # no `where`: a cross-field check of the whole trial
-            problems.append(f"{where}: {msg}" if where else f"grid: trial {key}: {msg}")
-        if config is not None:
-            values = config.model_dump(mode="json")
-            overrides = {axis: get_dotted(values, axis) for axis in sorted(axes)}
-            trials.append(("grid", Trial(key, overrides, config)))
+            point_leaves = _merge(point_leaves, axis_leaves)
+        for origin, extra in rows:
+            config, errors = _build(_merge(point_leaves, extra))
+            values = config.model_dump(mode="json") if config is not None else {}
+            parts = texts | {p: render(get_dotted(values, p)) for p in extra if values}
+            key = ",".join(f"{p}={parts[p]}" for p in sorted(parts)) or BASE_KEY
+            for where, msg in errors:  # no `where`: a cross-field check of the whole trial
+                problems.append(f"{where}: {msg}" if where else f"{origin}: trial {key}: {msg}")
+            if config is not None:
+                overrides = {path: get_dotted(values, path) for path in sorted(parts)}
+                trials.append((origin, Trial(key, overrides, config)))
 
     for j, row in enumerate(include):
         count = len(problems)
@@ -229,6 +234,24 @@ def _axes(
                 ok = text is not None and len(problems) == count
                 axes[axis].append((leaves, text) if ok else None)
     return axes
+
+
+def _variant_rows(
+    variants: list[dict[str, Any]], grid: Mapping[str, list[Any]], problems: list[str]
+) -> list[tuple[str, Leaves]]:
+    """Each usable variants row as (origin, leaves); a row may not set a grid axis."""
+    rows = []
+    for j, row in enumerate(variants):
+        origin = f"variants[{j}]" if row else "grid"
+        count = len(problems)
+        leaves = _collect(_flatten(row, "", origin), problems)
+        for path, (_, label) in leaves.items():
+            if axis := next((a for a in grid if _overlaps(a, path)), None):
+                problems.append(f"{label}: {path!r} is also the grid axis {axis!r}; a variant "
+                                "may set only what the grid does not sweep")
+        if len(problems) == count:
+            rows.append((origin, leaves))
+    return rows
 
 
 def _exclude_rows(

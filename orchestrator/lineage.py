@@ -69,7 +69,8 @@ def source_tags(sweep_file: str | Path | None = None) -> dict[str, str]:
 
 
 def axes(spec: SweepSpec) -> list[str]:
-    """Every setting the sweep varies (dotted paths): its grid's, then what `include` adds."""
+    """Every setting the sweep varies (dotted paths): its grid's, then what `variants` and
+    `include` add."""
     found: list[str] = []
     for trial in spec.trials():
         found += [path for path in trial.overrides if path not in found]
@@ -79,7 +80,7 @@ def axes(spec: SweepSpec) -> list[str]:
 def grid_params(spec: SweepSpec) -> dict[str, str]:
     """The sweep's grid as params of its parent run: one per axis, plus its extra rows."""
     params = {f"{GRID_PARAM}{path}": json.dumps(values) for path, values in spec.grid.items()}
-    for rows in ("include", "exclude"):
+    for rows in ("variants", "include", "exclude"):
         if getattr(spec, rows):
             params[f"{GRID_PARAM}{rows}"] = json.dumps(getattr(spec, rows))[:6000]
     return params

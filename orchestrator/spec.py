@@ -61,6 +61,9 @@ class SweepSpec(BaseModel):
     description: str = ""
     engine: dict[str, Any] = Field(default_factory=dict, description="engine settings for all")
     grid: dict[str, list[Any]] = Field(description="dotted engine path -> values to sweep")
+    variants: list[dict[str, Any]] = Field(
+        default_factory=list, description="settings rows, each run at every grid point (one "
+        "factor at a time); an empty row {} is the grid point as it is")
     include: list[dict[str, Any]] = Field(default_factory=list, description="extra trials")
     exclude: list[dict[str, Any]] = Field(default_factory=list, description="grid points to drop")
     resources: Resources = Field(default_factory=Resources)
@@ -152,11 +155,13 @@ def _renamed_engine(data: dict[str, Any]) -> tuple[dict[str, Any], str, list[str
 
 
 def _trials_of(spec: SweepSpec, label: str) -> tuple[list[Trial], list[str]]:
-    count = math.prod(len(v) for v in spec.grid.values()) + len(spec.include)
+    count = (math.prod(len(v) for v in spec.grid.values()) * max(len(spec.variants), 1)
+             + len(spec.include))
     if count > spec.max_trials:  # counted before anything is expanded
         return [], [f"grid: {count} trials is above max_trials ({spec.max_trials}); check the "
                     "axes, or raise the cap (max_trials: in the file, --max-trials on the CLI)"]
-    trials, problems = expand(spec.engine, spec.grid, spec.include, spec.exclude, label)
+    trials, problems = expand(spec.engine, spec.grid, spec.include, spec.exclude, label,
+                              spec.variants)
     if not trials and not problems:
         problems.append("grid: the sweep has no trials (every grid point is excluded); "
                         "remove exclude rows or add include rows")

@@ -1,13 +1,19 @@
 """The MIM4DD term: the NCE critic, the heads, and lambda = 0 being exactly the base method."""
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import first_batch_loss_and_base, mim_share_of_first_step, tiny_config
+from conftest import (
+    first_batch_loss_and_base,
+    mim_share_of_first_step,
+    run_interrupted,
+    tiny_config,
+)
 
-from mim4dd.distill import Distiller
+from mim4dd.distill import HEADS_STREAM, Distiller, step_seed
 from mim4dd.objectives import MIMTerm, nce_loss
 
 LABELS_SYN = torch.arange(4).repeat_interleave(2)  # 4 classes x 2 synthetic
@@ -115,3 +121,47 @@ def test_relative_mode_gives_the_mim_term_lambda_times_the_base_gradient(digits,
         lambda: Distiller(tiny_config(base=base, lam=lam, lam_mode="relative"), digits))
     assert share == pytest.approx(lam, rel=1e-3) and logged == pytest.approx(lam, rel=1e-3)
     assert mim_over_base != pytest.approx(1.0, rel=0.05)  # the raw scales differ: it rescaled
+
+
+def _heads(distiller):
+    return [p.detach().clone() for p in distiller.mim.parameters()]
+
+
+def test_fixed_heads_never_move_but_the_mim_term_still_moves_the_images(digits):
+    distiller = Distiller(tiny_config(mim_heads="fixed"), digits)
+    drawn = _heads(distiller)
+    _, _, grad, base_grad, _ = first_batch_loss_and_base(distiller)
+    assert not torch.allclose(grad, base_grad)  # the projection is fixed, not inert
+    for _ in range(2):
+        distiller.step()
+    assert all(torch.equal(a, b) for a, b in zip(drawn, _heads(distiller)))
+    learned = Distiller(tiny_config(), digits)
+    learned.step()  # ...whereas learned heads do move (so the check above can fail)
+    assert not all(torch.equal(a, b) for a, b in zip(drawn, _heads(learned)))
+
+
+def test_per_step_heads_are_drawn_anew_and_fitted_to_each_steps_features(digits):
+    distiller = Distiller(tiny_config(mim_heads="per_step"), digits)
+    batch = distiller.batch(0)  # its generator is used up by one match: terms gets its own
+    out = distiller.objective.match(batch, with_features=True)
+    args = (out.syn_features, out.real_features, batch.syn_labels, batch.real_labels)
+    _, _, parts = distiller.terms(distiller.batch(0))
+    fitted = copy.deepcopy(distiller.mim)
+    drawn = copy.deepcopy(distiller.mim)
+    drawn.redraw(step_seed(0, 0, stream=HEADS_STREAM))  # the step's draw, before fitting
+    with torch.no_grad():
+        assert float(fitted(*args)[0]) < float(drawn(*args)[0])  # fitting lowered L_MIM
+        assert float(parts["loss_mim"]) == pytest.approx(float(fitted(*args)[0]), rel=1e-5)
+    distiller.terms(distiller.batch(1))
+    assert not all(torch.equal(a, b) for a, b in zip(fitted.parameters(), _heads(distiller)))
+    again = Distiller(tiny_config(mim_heads="per_step"), digits)
+    again.terms(again.batch(0))  # a function of (seed, iteration): resumable
+    assert all(torch.equal(a, b) for a, b in zip(fitted.parameters(), _heads(again)))
+
+
+@pytest.mark.parametrize("heads", ["fixed", "per_step"])
+def test_resume_is_exact_with_every_kind_of_heads(digits, tmp_path, heads):
+    config = tiny_config(mim_heads=heads, iterations=4)
+    uninterrupted = Distiller(config, digits).run()
+    result = run_interrupted(config, digits, tmp_path / "state.pt", stop_at=2)
+    assert torch.equal(result.images, uninterrupted.images)

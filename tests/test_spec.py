@@ -324,3 +324,24 @@ def test_an_alias_bomb_is_refused_quickly(tmp_path):
     lines.append("engine: {lr_milestones: *a9}")
     message = problems_of(tmp_path, "\n".join(lines) + "\n")
     assert "expands to" in message and "aliases" in message
+
+
+def test_variants_run_at_every_grid_point_one_factor_at_a_time(tmp_path):
+    spec = load_spec(write(tmp_path, spec_with(
+        grid={"seed": [0, 1]},
+        variants=[{}, {"tau": 0.5}, {"mim_grid": 1, "model": {"width": 16}}],
+    )))
+    keys = [t.key for t in spec.trials()]
+    assert keys == ["seed=0", "seed=0,tau=0.5", "mim_grid=1,model.width=16,seed=0",
+                    "seed=1", "seed=1,tau=0.5", "mim_grid=1,model.width=16,seed=1"]
+    trial = spec.trials()[2]
+    assert trial.overrides == {"mim_grid": 1, "model.width": 16, "seed": 0}
+    assert trial.config.tau == 0.1 and trial.config.iterations == 2
+
+
+def test_a_variant_may_not_set_a_grid_axis_nor_repeat_the_grid_point(tmp_path):
+    text = problems_of(tmp_path, spec_with(
+        grid={"seed": [0], "lam": [0.8]}, variants=[{}, {"lam": 0.4}, {"tau": 0.1}]))
+    assert "variants[1].lam: 'lam' is also the grid axis 'lam'" in text
+    assert "variants[2]: duplicate trial lam=0.8,seed=0,tau=0.1 (same engine config as " \
+           "lam=0.8,seed=0)" in text

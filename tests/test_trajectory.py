@@ -115,3 +115,16 @@ def test_the_mim_share_of_the_image_gradient_is_logged_and_relative_mode_sets_it
         lambda: Distiller(mtt_config(experts, lam=lam, lam_mode=mode), digits))
     assert logged == pytest.approx(share, rel=1e-3)
     assert share == pytest.approx(lam * mim_over_base if mode == "absolute" else lam, rel=1e-3)
+
+
+def test_the_real_side_of_the_mim_term_reads_the_network_mim_real_net_names(digits, experts):
+    features = {}
+    for net in ("target", "start", "student"):
+        distiller = Distiller(mtt_config(experts, mim_real_net=net), digits)
+        out = distiller.objective.match(distiller.batch(0), with_features=True)
+        features[net] = out.real_features[-1]
+        assert not out.real_features[-1].requires_grad  # real features never carry gradient
+    assert not torch.allclose(features["target"], features["start"])
+    assert not torch.allclose(features["target"], features["student"])
+    with pytest.raises(ValueError, match="mim_real_net 'start' is for base mtt only"):
+        tiny_config(mim_real_net="start")

@@ -109,13 +109,16 @@ class TrajectoryMatching(MatchingObjective):
         if not with_features:
             return MatchOutput(base_loss)
 
-        # MIM: real features from the expert at t + M, synthetic ones from the student's end
-        # point -- the two networks the matching loss pulls together (docs/method.md).
+        # MIM: synthetic features from the student's end point; real ones by default from the
+        # expert at t + M -- the two networks the matching loss pulls together
+        # (docs/method.md, which also measures the alternatives of `mim_real_net`).
+        real_net = {"target": target, "start": start, "student": student.detach()}
         aug = self.dsa.sample(self.data.info.num_classes, generator, self.device)
         real = self.dsa.apply(batch.real, aug, batch.real_labels)
         syn = self.dsa.apply(batch.syn, aug, batch.syn_labels)
         with torch.no_grad():
-            parts = [self._features(target, chunk) for chunk in real.split(REAL_CHUNK)]
+            parts = [self._features(real_net[config.mim_real_net], chunk)
+                     for chunk in real.split(REAL_CHUNK)]
         real_features = [torch.cat(blocks) for blocks in zip(*parts, strict=True)]
         return MatchOutput(base_loss, real_features, self._features(student, syn))
 
