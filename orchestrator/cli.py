@@ -46,8 +46,8 @@ TrackingUri = Annotated[str | None, typer.Option(
     help="MLflow tracking URI (default: the embedded store in $MIM4DD_HOME or ./.mim4dd).",
 )]
 Address = Annotated[str | None, typer.Option(
-    help="Ray cluster address (default: the file's ray_address, $RAY_ADDRESS, or a local "
-         "in-process cluster).",
+    help="Ray cluster address (default: the sweep file's ray_address where a file is given, "
+         "$RAY_ADDRESS, or a local in-process cluster).",
 )]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
 from mim4dd.evaluate import EvalResult
-from mim4dd.synset import GRID_FILE
+from mim4dd.synset import GRID_FILE, GRID_PADDING, MANIFEST_FILE
 from orchestrator import lineage
 from orchestrator.expand import Trial
 from orchestrator.tracking import (
@@ -28,6 +29,8 @@ from orchestrator.tracking import (
 )
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
     from mim4dd.data import RealData
 
 ERROR_FILE = "error.txt"  # a failed trial's traceback, in its run's artifacts
@@ -176,11 +179,13 @@ class TrialRun:
         self.client.log_artifacts(self.run_id, str(synset_dir), SYNSET_PATH)
         self.client.log_artifact(self.run_id, str(results_file))
         if (synset_dir / GRID_FILE).is_file():
+            manifest = json.loads((synset_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
             with Image.open(synset_dir / GRID_FILE) as grid:
-                # Pixels enlarged, not smoothed: a grid of 8x8 digits is 22 px wide.
-                scale = max(1, min(16, _PREVIEW_PX // min(grid.size)))
-                preview = grid.convert("RGB").resize(
-                    (grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+                preview = squarer(grid.convert("RGB"), manifest["num_classes"])
+            # Pixels enlarged, not smoothed: a grid of 8x8 digits is 22 px wide.
+            scale = max(1, min(16, _PREVIEW_PX // min(preview.size)))
+            preview = preview.resize((preview.width * scale, preview.height * scale),
+                                     Image.Resampling.NEAREST)
             self.client.log_image(self.run_id, preview, key=PREVIEW_KEY, step=0)
 
     def finish(self) -> None:
@@ -232,3 +237,23 @@ def _existing(client: MlflowClient, run_id: str | None) -> Run | None:
 
 
 __all__ = ["ERROR_FILE", "PREVIEW_KEY", "TrialRun", "flatten"]
+
+
+def squarer(grid: PILImage, rows: int) -> PILImage:
+    """A set's grid (one row of images per class) with its rows laid side by side, as many per
+    line as make the picture about square: MLflow shows an image in a fixed-size box, where a
+    10-class IPC 1 grid (one column of 10 images) was a sliver."""
+    from PIL import Image
+
+    step = (grid.height - GRID_PADDING) // rows  # a row's height: padding above, then images
+    per_line = max(1, round(math.sqrt(rows * step / grid.width)))
+    if per_line == 1:
+        return grid
+    width = grid.width - GRID_PADDING  # rows side by side share their padding columns
+    lines = math.ceil(rows / per_line)
+    out = Image.new(grid.mode, (per_line * width + GRID_PADDING, lines * step + GRID_PADDING))
+    for row in range(rows):
+        line, slot = divmod(row, per_line)
+        strip = grid.crop((0, row * step, grid.width, (row + 1) * step + GRID_PADDING))
+        out.paste(strip, (slot * width, line * step))
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
@@ -562,3 +563,27 @@ def test_a_reopened_run_skips_steps_it_holds_even_when_its_tag_lags(home):
     again.finish()
     steps = [m.step for m in client.get_metric_history(run.run_id, "loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_mlflow_preview_lays_a_tall_grid_out_about_square(tmp_path):
+    from PIL import Image
+
+    images = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    SyntheticSet.create(  # 10 classes x IPC 1: grid.png is one column of 10 images
+        images, torch.arange(10), dataset="digits", class_names=[str(c) for c in range(10)],
+        mean=(0.0,), std=(1.0,), config={}, eval_protocol={},
+    ).save(tmp_path / "set")
+    with Image.open(tmp_path / "set" / "grid.png") as grid:
+        grid = grid.convert("RGB")
+    preview = trial_run.squarer(grid, rows=10)
+    assert grid.height > 8 * grid.width and 0.5 < preview.width / preview.height < 2
+    step, pad = (grid.height - 2) // 10, 2
+    side = step - pad
+    per_line = (preview.width - pad) // (grid.width - pad)
+    for row in range(10):  # every class's image is in the preview, unchanged
+        line, slot = divmod(row, per_line)
+        x, y = slot * (grid.width - pad) + pad, line * step + pad
+        assert preview.crop((x, y, x + side, y + side)).tobytes() == grid.crop(
+            (pad, row * step + pad, pad + side, row * step + pad + side)).tobytes()
+    wide = grid.resize((grid.height, grid.width))  # already wider than tall: left as it is
+    assert trial_run.squarer(wide, rows=1) is wide
