@@ -142,13 +142,15 @@ def summarize(frame: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
 
 def _chosen_on_validation(summary: pd.DataFrame, cells: Sequence[str]) -> pd.Series:
     """1 where a cell has the highest validation mean among the cells that differ from it only
-    in λ (the first on a tie), else 0; NaN without a λ axis or validation accuracies."""
+    in λ (the first on a tie), else 0; NaN without a λ axis or validation accuracies, and for
+    a cell with no such sibling (a one-factor variant at one λ: there was nothing to pick)."""
+    chosen = pd.Series(math.nan, index=summary.index)
     if paired.LAM not in cells or summary[VAL_MEAN].isna().all():
-        return pd.Series(math.nan, index=summary.index)
-    chosen = pd.Series(0, index=summary.index)
+        return chosen
     for _, group in _groups(summary, [c for c in cells if c != paired.LAM]):
-        if group[VAL_MEAN].notna().any():
-            chosen[group[VAL_MEAN].idxmax()] = 1
+        if len(group) > 1 and group[VAL_MEAN].notna().any():
+            chosen[group.index] = 0.0
+            chosen[group[VAL_MEAN].idxmax()] = 1.0
     return chosen
 
 

@@ -64,7 +64,7 @@ def test_the_validation_split_picks_lambda_per_group_and_the_test_split_never_do
     # (dataset, lam): per-seed validation accuracies; test accuracies run the other way, so a
     # choice made on the test split would differ
     val = {("digits", 0.0): [50, 52], ("digits", 0.8): [56, 58], ("digits", 1.6): [54, 54],
-           ("MNIST", 0.0): [90, 92], ("MNIST", 0.8): [88, 89]}
+           ("MNIST", 0.0): [90, 92], ("MNIST", 0.8): [88, 89], ("SVHN", 0.8): [80, 80]}
     rows = [{"dataset": d, "lam": lam, "seed": seed, "val_acc_mean_pct": v,
              "test_acc_net0_pct": 100 - v}
             for (d, lam), seeds in val.items() for seed, v in enumerate(seeds)]
@@ -73,11 +73,13 @@ def test_the_validation_split_picks_lambda_per_group_and_the_test_split_never_do
     assert found["digits", 0.8]["val_mean_pct"] == 57.0
     assert found["digits", 0.8]["val_std_pct"] == 1.0
     assert found["digits", 1.6]["val_std_pct"] == 0.0
-    chosen = {cell for cell, row in found.items() if row["chosen_on_val"]}
+    chosen = {cell for cell, row in found.items() if row["chosen_on_val"] == 1}
     assert chosen == {("digits", 0.8), ("MNIST", 0.0)}  # one per dataset; lam 0 may win
+    assert found["digits", 1.6]["chosen_on_val"] == 0
+    assert math.isnan(found["SVHN", 0.8]["chosen_on_val"])  # a lone lambda: nothing to pick
     shown = {(r["dataset"], r["lam"]): r for r in aggregate.display_rows(summary)}
     assert shown["digits", "0.8"]["λ picked on val"] == "yes"
-    assert shown["digits", "0"]["λ picked on val"] == ""
+    assert shown["digits", "0"]["λ picked on val"] == shown["SVHN", "0.8"]["λ picked on val"] == ""
     assert shown["MNIST", "0.8"]["val % (mean ± std)"] == "88.50 ± 0.50"
 
 
