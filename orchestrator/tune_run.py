@@ -2,9 +2,10 @@
 Tune run of the unfinished trials, fresh or restored.
 
 A Tune experiment folder (``<storage>/<sweep name>``) remembers the trials it was started
-for (`TRIALS_FILE`: key -> config digest). A relaunch restores it with
-`Tuner.restore(..., resume_errored=True)` when it was started for exactly the current trials
-and holds every unfinished one; otherwise the folder is set aside and a fresh experiment
+for (`TRIALS_FILE`: key -> config digest) and with which Tune settings (`SETTINGS_FILE`:
+max_concurrent, retries; a restored experiment keeps its own, so a changed one must not be
+restored). A relaunch restores it with `Tuner.restore(..., resume_errored=True)` when it was
+started for exactly the current trials and settings and holds every unfinished one; otherwise the folder is set aside and a fresh experiment
 runs the unfinished trials only. Either way each trial resumes from the newest checkpoint of its
 current config found in the folder (`tune_folder.resumable_checkpoints`).
 """
@@ -38,6 +39,7 @@ RAY_ENV = {
 }
 STORAGE_ENV = "MIM4DD_RAY_STORAGE"  # a folder all nodes share (NFS): multi-node checkpoints
 TRIALS_FILE = "mim4dd_trials.json"  # {key: digest} a Tune experiment folder was started with
+SETTINGS_FILE = "mim4dd_tune.json"  # ... and the sweep's Tune settings (`_tune_settings`)
 # The embedded cluster listens on loopback only, so it runs without Ray's token authentication
 # (a user's RAY_AUTH_MODE still wins). A cluster address gets none of this: its RAY_AUTH_* come
 # from the user's environment (README, Security).
@@ -135,7 +137,7 @@ def run_tune(
             {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
         )
 
-    resumed, notes = _restorable(folder, trials, remaining)
+    resumed, notes = _restorable(folder, trials, remaining, _tune_settings(spec))
     for note in notes:
         say(note)
     if resumed:
@@ -151,6 +153,7 @@ def run_tune(
             folder.rename(aside)
         folder.mkdir(parents=True)
         (folder / TRIALS_FILE).write_text(json.dumps(digests, indent=2) + "\n")
+        (folder / SETTINGS_FILE).write_text(json.dumps(_tune_settings(spec)) + "\n")
         tuner = tune.Tuner(
             trainable(aside),
             param_space={"trial": tune.grid_search([t.key for t in remaining])},
@@ -203,11 +206,17 @@ class PendingWatch(TuneCallback):
             )
 
 
+def _tune_settings(spec: SweepSpec) -> dict[str, Any]:
+    """The sweep file's settings that a restored Tune experiment would not take up anew."""
+    return {"max_concurrent": spec.max_concurrent, "retries": spec.retries}
+
+
 def _restorable(
-    folder: Path, trials: list[Trial], remaining: list[Trial]
+    folder: Path, trials: list[Trial], remaining: list[Trial], settings: dict[str, Any]
 ) -> tuple[bool, list[str]]:
-    """Whether the Tune experiment in `folder` was started for these trials, holds every
-    unfinished one, and is whole and ours (`tune_folder`); with what to tell the user."""
+    """Whether the Tune experiment in `folder` was started for these trials and `settings`,
+    holds every unfinished one, and is whole and ours (`tune_folder`); with what to tell the
+    user."""
     from ray import tune
 
     try:
@@ -219,6 +228,14 @@ def _restorable(
     only_current = all(current.get(k) == d for k, d in saved.items())
     if not (holds_remaining and only_current and tune.Tuner.can_restore(folder)):
         return False, []
+    try:  # a folder from before this file was written keeps the settings it had
+        started_with = json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        started_with = settings
+    if changed := [f"{name} {started_with.get(name)} -> {value}"
+                   for name, value in settings.items() if started_with.get(name) != value]:
+        return False, [(f"the sweep file changed {', '.join(changed)}: its trials go on from "
+                        "their checkpoints in a new Tune experiment that uses it")]
     blockers = restore_blockers(folder)
     return not blockers, blockers
 
@@ -229,6 +246,6 @@ def _short(error: Any) -> str:
 
 
 __all__ = [
-    "BIND_ENV", "LOCAL_ENV", "RAY_ENV", "STORAGE_ENV", "TRIALS_FILE", "ray_session", "run_tune",
-    "start_local",
+    "BIND_ENV", "LOCAL_ENV", "RAY_ENV", "SETTINGS_FILE", "STORAGE_ENV", "TRIALS_FILE",
+    "ray_session", "run_tune", "start_local",
 ]

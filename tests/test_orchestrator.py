@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
@@ -457,6 +458,28 @@ def test_a_deleted_checkpoint_does_not_block_the_sweep(home, tmp_path):
     steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "loss")]
     assert sorted(steps) == list(range(1, 601))  # redone from scratch, each step logged once
     assert tracking.TAG_RESUMED not in children[0].data.tags  # no checkpoint left to resume
+
+
+@pytest.mark.slow
+def test_a_relaunch_with_a_changed_max_concurrent_uses_it_and_still_resumes(home, tmp_path):
+    # A restored Tune experiment keeps the max_concurrent and retries it was started with, so
+    # a changed one used to be ignored without a word (found running sweeps/mim_choices_dm).
+    kill_session(launch_until_checkpointed(tmp_path, home, "wider"))
+    path = tmp_path / "wider.yaml"
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "max_concurrent": 2}, sort_keys=False))
+
+    again = subprocess.run(cli("launch", str(path)), cwd=ROOT, env=cli_env(home),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "the sweep file changed max_concurrent None -> 2: its trials go on from their " \
+           "checkpoints" in again.stdout + again.stderr
+    folder = home / "ray_results" / "wider"
+    assert json.loads((folder / "mim4dd_tune.json").read_text())["max_concurrent"] == 2
+    client, parent, [child] = sweep_runs(tracking.resolve_tracking_uri(), "wider")
+    assert child.info.status == "FINISHED" and int(child.data.tags[tracking.TAG_RESUMED]) > 0
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 601))  # every step once, none lost or doubled
 
 
 @pytest.mark.slow
