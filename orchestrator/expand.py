@@ -5,9 +5,9 @@ written, e.g. "grid.ipc[1]"), so an engine error can be traced back to a line of
 
 The trials: the cartesian product of the `grid` axes (first axis varies slowest), minus the
 grid points an `exclude` row matches, each point once per `variants` row (a row's settings on
-top of the point's: one-factor-at-a-time ablations), then one trial per `include` row. Each trial's engine
-config is the `engine` section with the trial's values on top; nested mappings merge field by
-field, so ``{eval: {epochs: 20}}`` and ``{eval.epochs: 20}`` mean the same thing.
+top of the point's: one-factor-at-a-time ablations), then one trial per `include` row. Each
+trial's engine config is the `engine` section with the trial's values on top; nested mappings
+merge field by field, so ``{eval: {epochs: 20}}`` and ``{eval.epochs: 20}`` mean the same.
 """
 
 from __future__ import annotations

@@ -236,9 +236,6 @@ def _existing(client: MlflowClient, run_id: str | None) -> Run | None:
     return run if run.info.lifecycle_stage == "active" else None
 
 
-__all__ = ["ERROR_FILE", "PREVIEW_KEY", "TrialRun", "flatten"]
-
-
 def squarer(grid: PILImage, rows: int) -> PILImage:
     """A set's grid (one row of images per class) with its rows laid side by side, as many per
     line as make the picture about square: MLflow shows an image in a fixed-size box, where a
@@ -257,3 +254,6 @@ def squarer(grid: PILImage, rows: int) -> PILImage:
         strip = grid.crop((0, row * step, grid.width, (row + 1) * step + GRID_PADDING))
         out.paste(strip, (slot * width, line * step))
     return out
+
+
+__all__ = ["ERROR_FILE", "PREVIEW_KEY", "TrialRun", "flatten", "squarer"]

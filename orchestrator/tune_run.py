@@ -5,9 +5,10 @@ A Tune experiment folder (``<storage>/<sweep name>``) remembers the trials it wa
 for (`TRIALS_FILE`: key -> config digest) and with which Tune settings (`SETTINGS_FILE`:
 max_concurrent, retries; a restored experiment keeps its own, so a changed one must not be
 restored). A relaunch restores it with `Tuner.restore(..., resume_errored=True)` when it was
-started for exactly the current trials and settings and holds every unfinished one; otherwise the folder is set aside and a fresh experiment
-runs the unfinished trials only. Either way each trial resumes from the newest checkpoint of its
-current config found in the folder (`tune_folder.resumable_checkpoints`).
+started for exactly the current trials and settings and holds every unfinished one; otherwise
+the folder is set aside and a fresh experiment runs the unfinished trials only. Either way each
+trial resumes from the newest checkpoint of its current config found in the folder
+(`tune_folder.resumable_checkpoints`).
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def nce_loss(
 
 # `mim_heads: per_step`: SGD steps fitting freshly drawn heads to one step's features, with the
 # learned heads' optimiser settings. (Adam at the heads' lr overshot: L_MIM rose from 10.4 to
-# 18 on the digits before it fell.) Each costs a few % of a width-128 DM step's work.
+# 18 on the digits before it fell.) Each is a forward and backward of the linear heads alone,
+# on the pooled features; not timed.
 HEAD_FIT_STEPS = 20
 
 
