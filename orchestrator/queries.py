@@ -52,6 +52,13 @@ def current_digests(client: Any, parent: Any) -> dict[str, str] | None:
     return digests if isinstance(digests, dict) else None
 
 
+def finished_trial_runs(client: Any, parent: Any) -> dict[str, Run]:
+    """The sweep's finished trial runs of its current configs, by trial key: what `report`
+    counts."""
+    runs = tracking.child_runs(client, parent)
+    return tracking.runs_by_key(runs, current_digests(client, parent), "FINISHED")
+
+
 def summarize(
     runs: Iterable[Run], digests: Mapping[str, str] | None
 ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
@@ -274,5 +281,6 @@ def find_trial_run(
 
 
 __all__ = ["SweepReport", "SweepStatus", "TRIALS_ARTIFACT", "current_digests", "find_trial_run",
-           "list_sweeps", "open_sweep", "parse_where", "pull", "pull_set", "record_trials",
-           "summarize", "sweep_report", "sweep_link", "sweep_status", "ui_command"]
+           "finished_trial_runs", "list_sweeps", "open_sweep", "parse_where", "pull", "pull_set",
+           "record_trials", "summarize", "sweep_report", "sweep_link", "sweep_status",
+           "ui_command"]

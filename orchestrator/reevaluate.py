@@ -54,8 +54,7 @@ def evaluate_sweep(
     client, parent = queries.open_sweep(name, tracking_uri)
     uri = tracking.resolve_tracking_uri(tracking_uri)  # the workers log to the same store
     with sweep_lock(name, tracking.home()):  # no launch (or evaluate) logs to these runs now
-        digests = queries.current_digests(client, parent)
-        finished = tracking.runs_by_key(tracking.child_runs(client, parent), digests, "FINISHED")
+        finished = queries.finished_trial_runs(client, parent)
         return _run_tasks(sorted(finished.items()), models, uri, say, address,
                           dict(resources or {"num_cpus": 1}))
 

@@ -27,8 +27,7 @@ DEFAULTS = "(defaults)"
 
 def trials(name: str) -> pd.DataFrame:
     client, parent = queries.open_sweep(name, None)
-    runs = tracking.child_runs(client, parent)
-    finished = tracking.runs_by_key(runs, queries.current_digests(client, parent), "FINISHED")
+    finished = queries.finished_trial_runs(client, parent)
     rows = []
     for run in finished.values():
         overrides = json.loads(run.data.tags[tracking.TAG_OVERRIDES])

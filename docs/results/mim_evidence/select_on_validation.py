@@ -12,7 +12,6 @@ part in the choice.
         docs/results/mim_evidence/selection.csv > docs/results/mim_evidence/selection.md
 """
 
-import statistics
 import sys
 
 import pandas as pd
@@ -22,8 +21,7 @@ from orchestrator import paired, queries, tracking
 
 name, out_csv = sys.argv[1], sys.argv[2]
 client, parent = queries.open_sweep(name, None)
-runs = tracking.child_runs(client, parent)
-finished = tracking.runs_by_key(runs, queries.current_digests(client, parent), "FINISHED")
+finished = queries.finished_trial_runs(client, parent)
 rows = []
 for run in finished.values():
     values = tracking.trial_values(run)
