@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import DatasetInput, Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 
 from mim4dd.evaluate import EvalResult
 from mim4dd.synset import GRID_FILE, GRID_PADDING, MANIFEST_FILE
@@ -41,6 +42,9 @@ _MAX_METRICS, _MAX_PARAMS = 999, 100
 # System metrics (CPU, memory, disk, network; GPU with pynvml) every this many seconds: one
 # small request each, against thousands of optimisation steps a minute.
 SYSTEM_METRICS_EVERY_S = 10
+# `log_inputs` calls before a refusal stands: each collision means another trial's dataset rows
+# were committed, and a trial logs at most three (train, validation, test).
+_INPUT_ATTEMPTS = 4
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -151,8 +155,30 @@ class TrialRun:
             self.logged_until = max(self.logged_until, newest)
 
     def log_inputs(self, data: RealData) -> None:
-        """The dataset splits the trial reads, each with a digest (MLflow's Dataset column)."""
-        self.client.log_inputs(self.run_id, datasets=lineage.dataset_inputs(data))
+        """The dataset splits the trial reads, each with a digest (MLflow's Dataset column).
+
+        Safe when many trials log the same dataset at once. MLflow keeps one dataset row per
+        (experiment, name, digest), read-then-insert in one transaction: of two trials inserting
+        it together, PostgreSQL (or sqlite) refuses the second, and that transaction writes
+        nothing. Logging again is idempotent (the row now exists and is reused; an input the
+        run holds is not added twice), so a refused call is repeated; a call that fails while
+        the run already holds every input was a collision with itself, and is success.
+        """
+        inputs = lineage.dataset_inputs(data)
+        for attempt in range(1, _INPUT_ATTEMPTS + 1):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException:
+                if self._holds(inputs):
+                    return
+                if attempt == _INPUT_ATTEMPTS:
+                    raise
+
+    def _holds(self, inputs: list[DatasetInput]) -> bool:
+        held = {(i.dataset.name, i.dataset.digest)
+                for i in self.client.get_run(self.run_id).inputs.dataset_inputs}
+        return {(i.dataset.name, i.dataset.digest) for i in inputs} <= held
 
     def log_once(self, metrics: Mapping[str, float]) -> None:
         """Metrics a trial has one value of (its evaluation, its peak memory), at step 0 and

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -22,6 +24,7 @@ from mim4dd.synset import SyntheticSet  # noqa: E402
 from orchestrator import service, tracking  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
+from orchestrator.trial_run import TrialRun  # noqa: E402
 from sweep_helpers import (  # noqa: E402
     ROOT, cli, cli_env, launch_until_checkpointed, mlflow_server, sweep_runs, write_spec,
 )
@@ -83,6 +86,31 @@ def test_a_sweep_through_the_postgres_server(ray_cluster, home, tmp_path, server
                                       str(tmp_path / "set"), "--tracking-uri", server])
     assert pulled.exit_code == 0, pulled.output
     assert SyntheticSet.load(tmp_path / "set").manifest["config"]["lam"] == 0.8
+
+
+def test_trials_logging_the_same_dataset_at_one_instant_all_succeed(digits, server, postgres_uri):
+    """PostgreSQL refuses the second of two concurrent inserts of one (experiment, name,
+    digest) dataset row; a trial meeting that collision must take the row the other wrote.
+    Eight trials start their `log_inputs` together (a barrier), so the inserts collide."""
+    client = tracking.connect(server)
+    experiment = client.create_experiment("race")
+    runs = [TrialRun(client, client.create_run(experiment)) for _ in range(8)]
+    start = threading.Barrier(len(runs))
+
+    def log(run: TrialRun) -> None:
+        start.wait(timeout=60)
+        run.log_inputs(digits)
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        list(pool.map(log, runs))  # re-raises the first failure
+
+    splits = {"training", "validation", "test"}
+    for run in runs:
+        inputs = client.get_run(run.run_id).inputs.dataset_inputs
+        assert sorted(i.tags[0].value for i in inputs) == sorted(splits)
+    with psycopg.connect(postgres_uri) as db:
+        rows = db.execute("SELECT name, digest, count(*) FROM datasets GROUP BY name, digest")
+        assert [count for *_, count in rows] == [1, 1, 1]  # one row per split, shared by all
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
