@@ -107,7 +107,8 @@ def launch(
     out.print(
         f"[bold]{spec.name}[/]: {outcome.status}; {len(outcome.finished)}/{outcome.total} "
         f"finished ({len(outcome.skipped)} before this launch), {len(outcome.failed)} failed, "
-        f"{len(outcome.unfinished)} unfinished{'; resumed Tune experiment' * outcome.resumed}"
+        f"{len(outcome.unfinished)} unfinished"
+        + (f"; {outcome.resumed} resumed from checkpoints" if outcome.resumed else "")
     )
     for key, reason in outcome.failed.items():
         out.print(f"  [red]failed[/] {escape(key)}: {escape(reason)}", highlight=False)

@@ -3,12 +3,11 @@
 `launch` is idempotent. Run it again after anything (a crash, a SIGKILL, a partial failure):
 
 * trials with a FINISHED child run in MLflow (same key and config digest) are never re-run;
-* when the sweep's Tune experiment folder (``<home>/ray_results/<name>``) can be restored and
-  was started for the same trials, it is resumed with `Tuner.restore(..., resume_errored=True)`:
-  unfinished and errored trials continue from their latest Tune checkpoint;
-* otherwise a fresh Tune experiment runs only the unfinished trials;
-* either way a trial continues its existing child run (the trainable finds it by the run id
-  in its checkpoint, else by trial key), so no trial ever gets a second child run.
+* a fresh Tune experiment runs only the unfinished trials, each from the newest checkpoint of
+  its current config that an earlier launch left under ``<home>/ray_results/<name>/``
+  (`tune_run`);
+* a trial continues its existing child run (the trainable finds it by the run id in its
+  checkpoint, else by trial key and digest), so no trial ever gets a second child run.
 
 Before Tune starts, the expert stage (`orchestrator.experts`) makes every expert buffer the
 unfinished trajectory-matching trials need complete; if it cannot, no trial starts.
@@ -54,7 +53,7 @@ class SweepOutcome:
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # key -> reason
     unfinished: list[str] = field(default_factory=list)
-    resumed: bool = False  # a previous Tune experiment was restored
+    resumed: int = 0  # trials that continue from a checkpoint an earlier launch left
     summary: pd.DataFrame | None = None
     table: list[dict[str, Any]] = field(default_factory=list)  # dry run rows
     buffers: list[dict[str, Any]] = field(default_factory=list)  # dry run: expert buffers
@@ -123,11 +122,7 @@ def _launch(
                 if buffers:
                     used = " ".join(sorted({b.digest for b in buffers}))
                     tracking.set_tags(client, parent_id, {tracking.TAG_BUFFERS: used})
-                tune_errors, outcome.resumed = run_tune(
-                    spec, trials, remaining, context, board,
-                    say=lambda note: console.print(f"note: {note}", markup=False, highlight=False,
-                                                   soft_wrap=True),
-                )
+                tune_errors, outcome.resumed = run_tune(spec, trials, remaining, context, board)
             _end_orphans(client, parent)
         _account(client, parent, trials, tune_errors, outcome)
         outcome.summary = _aggregate(client, parent, digests)

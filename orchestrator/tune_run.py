@@ -1,14 +1,13 @@
-"""Ray and Tune for a sweep: a Ray session (connected, or started here) and one
-Tune run of the unfinished trials, fresh or restored.
+"""Ray and Tune for a sweep: a Ray session (connected, or started here) and one Tune run of the
+unfinished trials.
 
-A Tune experiment folder (``<storage>/<sweep name>``) remembers the trials it was started
-for (`TRIALS_FILE`: key -> config digest) and with which Tune settings (`SETTINGS_FILE`:
-max_concurrent, retries; a restored experiment keeps its own, so a changed one must not be
-restored). A relaunch restores it with `Tuner.restore(..., resume_errored=True)` when it was
-started for exactly the current trials and settings and holds every unfinished one; otherwise
-the folder is set aside and a fresh experiment runs the unfinished trials only. Either way each
-trial resumes from the newest checkpoint of its current config found in the folder
-(`tune_folder.resumable_checkpoints`).
+One resume mechanism, ours: every launch is a fresh Tune experiment
+(``<storage>/<sweep name>/launch-<time>-<pid>``, with the settings it ran with), and each
+trial resumes from the newest checkpoint of its current config that any earlier launch left
+(`tune_folder.resumable_checkpoints`: our JSON files and a tensors-only state file). Tune's own
+experiment state is never restored: that unpickles its files, keeps the max_concurrent and
+retries it was started with, and follows Tune's view of the newest checkpoint, which lags its
+files after a kill. Once every trial of a launch has finished, earlier launches' folders go.
 """
 
 from __future__ import annotations
@@ -17,8 +16,9 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +29,7 @@ from orchestrator.board import Board, BoardFeed, TuneCallback, showing, trial_di
 from orchestrator.expand import Trial
 from orchestrator.spec import SweepSpec
 from orchestrator.trainable import LaunchContext
-from orchestrator.tune_folder import restore_blockers, resumable_checkpoints
+from orchestrator.tune_folder import resumable_checkpoints
 
 # Environment for the driver and every Ray worker (set before Ray starts).
 RAY_ENV = {
@@ -39,8 +39,9 @@ RAY_ENV = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
 STORAGE_ENV = "MIM4DD_RAY_STORAGE"  # a folder all nodes share (NFS): multi-node checkpoints
-TRIALS_FILE = "mim4dd_trials.json"  # {key: digest} a Tune experiment folder was started with
-SETTINGS_FILE = "mim4dd_tune.json"  # ... and the sweep's Tune settings (`_tune_settings`)
+# In each launch's folder: the Tune settings it ran with and its trials ({key: digest}).
+SETTINGS_FILE = "mim4dd_launch.json"
+LAUNCH_PREFIX = "launch-"  # <storage>/<sweep>/launch-<time>-<pid>: one Tune experiment each
 # The embedded cluster listens on loopback only, so it runs without Ray's token authentication
 # (a user's RAY_AUTH_MODE still wins). A cluster address gets none of this: its RAY_AUTH_* come
 # from the user's environment (README, Security).
@@ -116,65 +117,56 @@ def start_local(**kwargs: Any) -> None:
 
 def run_tune(
     spec: SweepSpec, trials: list[Trial], remaining: list[Trial], context: LaunchContext,
-    board: Board | None, say: Callable[[str], None] = print,
-) -> tuple[dict[str, str], bool]:
-    """Run `remaining` on Ray Tune (Ray is running); returns Tune's errors by trial key and
-    whether it resumed. `say` hears why a previous experiment it found is not resumed."""
+    board: Board | None,
+) -> tuple[dict[str, str], int]:
+    """Run `remaining` on Ray Tune (Ray is running) as a fresh Tune experiment; returns Tune's
+    errors by trial key and how many trials resume from a checkpoint an earlier launch left."""
     from ray import tune
 
-    from orchestrator.trainable import train_trial
+    from orchestrator.trainable import FAILED, train_trial
 
     storage = Path(os.environ.get(STORAGE_ENV) or tracking.home() / "ray_results")
-    folder = storage / spec.name
+    sweep_folder = storage / spec.name
     digests = {t.key: t.digest for t in remaining}
-
-    def trainable(checkpoints_from: Path) -> Any:
-        left = resumable_checkpoints(checkpoints_from, digests)
-        return tune.with_resources(
+    left = resumable_checkpoints(sweep_folder, digests)  # read before this launch writes any
+    launch = f"{LAUNCH_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    folder = sweep_folder / launch
+    folder.mkdir(parents=True)
+    (folder / SETTINGS_FILE).write_text(json.dumps(
+        {**_tune_settings(spec), "trials": digests}, indent=2) + "\n")
+    tuner = tune.Tuner(
+        tune.with_resources(
             # The typed trials travel through Ray's object store; Tune's param space (which
             # turns dataclasses into tuples) holds only their keys.
             tune.with_parameters(train_trial, context=replace(context, checkpoints_left=left),
                                  trials={t.key: t for t in trials}),
             {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-        )
-
-    resumed, notes = _restorable(folder, trials, remaining, _tune_settings(spec))
-    for note in notes:
-        say(note)
-    if resumed:
-        try:
-            tuner = tune.Tuner.restore(str(folder), trainable(folder), resume_errored=True)
-        except Exception as exc:  # e.g. saved by an older mim4dd whose classes have moved
-            say(f"cannot restore the Tune experiment in {folder} ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); its trials go on in their same runs")
-            resumed = False
-    if not resumed:
-        aside = folder.with_name(f"{spec.name}.replaced-{int(time.time())}")
-        if folder.exists():  # a different set of trials: keep it, out of the way
-            folder.rename(aside)
-        folder.mkdir(parents=True)
-        (folder / TRIALS_FILE).write_text(json.dumps(digests, indent=2) + "\n")
-        (folder / SETTINGS_FILE).write_text(json.dumps(_tune_settings(spec)) + "\n")
-        tuner = tune.Tuner(
-            trainable(aside),
-            param_space={"trial": tune.grid_search([t.key for t in remaining])},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(storage), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=spec.retries),
-                # One checkpoint kept; Tune then saves its experiment state after every
-                # trial checkpoint, so a killed sweep resumes from the newest one.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[BoardFeed(), PendingWatch(spec.pending_timeout_s)],
-            ),
-        )
+        ),
+        param_space={"trial": tune.grid_search([t.key for t in remaining])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=launch, storage_path=str(sweep_folder), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.retries),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[BoardFeed(), PendingWatch(spec.pending_timeout_s)],
+        ),
+    )
     with showing(board):
         results = tuner.fit()
     errors = {r.config["trial"]: _short(r.error) for r in results if r.error}
-    return errors, resumed
+    if all(not r.error and not r.metrics.get(FAILED) for r in results):
+        _drop_earlier_launches(sweep_folder, keep=folder)
+    return errors, len(left)
+
+
+def _drop_earlier_launches(sweep_folder: Path, keep: Path) -> None:
+    """Every trial of this launch finished: the checkpoints earlier launches left are spent."""
+    for earlier in sweep_folder.iterdir():
+        if earlier != keep and earlier.is_dir():
+            shutil.rmtree(earlier, ignore_errors=True)
 
 
 class PendingTimeoutError(RuntimeError):
@@ -188,9 +180,6 @@ class PendingWatch(TuneCallback):
     def __init__(self, timeout: float | None):
         self.timeout = timeout
         self.since: float | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"timeout": self.timeout, "since": None}  # a restored run starts its own clock
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
         pending = [t for t in trials if t.status == "PENDING"]
@@ -208,37 +197,8 @@ class PendingWatch(TuneCallback):
 
 
 def _tune_settings(spec: SweepSpec) -> dict[str, Any]:
-    """The sweep file's settings that a restored Tune experiment would not take up anew."""
+    """The sweep file's Tune settings a launch ran with (in its `SETTINGS_FILE`)."""
     return {"max_concurrent": spec.max_concurrent, "retries": spec.retries}
-
-
-def _restorable(
-    folder: Path, trials: list[Trial], remaining: list[Trial], settings: dict[str, Any]
-) -> tuple[bool, list[str]]:
-    """Whether the Tune experiment in `folder` was started for these trials and `settings`,
-    holds every unfinished one, and is whole and ours (`tune_folder`); with what to tell the
-    user."""
-    from ray import tune
-
-    try:
-        saved = json.loads((folder / TRIALS_FILE).read_text())
-    except (OSError, ValueError):
-        return False, []
-    current = {t.key: t.digest for t in trials}
-    holds_remaining = all(saved.get(t.key) == t.digest for t in remaining)
-    only_current = all(current.get(k) == d for k, d in saved.items())
-    if not (holds_remaining and only_current and tune.Tuner.can_restore(folder)):
-        return False, []
-    try:  # a folder from before this file was written keeps the settings it had
-        started_with = json.loads((folder / SETTINGS_FILE).read_text())
-    except (OSError, ValueError):
-        started_with = settings
-    if changed := [f"{name} {started_with.get(name)} -> {value}"
-                   for name, value in settings.items() if started_with.get(name) != value]:
-        return False, [(f"the sweep file changed {', '.join(changed)}: its trials go on from "
-                        "their checkpoints in a new Tune experiment that uses it")]
-    blockers = restore_blockers(folder)
-    return not blockers, blockers
 
 
 def _short(error: Any) -> str:
@@ -247,6 +207,6 @@ def _short(error: Any) -> str:
 
 
 __all__ = [
-    "BIND_ENV", "LOCAL_ENV", "RAY_ENV", "SETTINGS_FILE", "STORAGE_ENV", "TRIALS_FILE",
+    "BIND_ENV", "LAUNCH_PREFIX", "LOCAL_ENV", "RAY_ENV", "SETTINGS_FILE", "STORAGE_ENV",
     "ray_session", "run_tune", "start_local",
 ]

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import yaml
 from mlflow import MlflowClient
 from processes import kill_session, stop
 
+from mim4dd import bases
 from orchestrator import tracking
 from orchestrator.server import SERVER_ENV, server_command
 
@@ -64,32 +67,67 @@ def cli_env(home: Path) -> dict:
     return env
 
 
-def launch_until_checkpointed(
-    tmp_path: Path, home: Path, name: str, uri: str | None = None
-) -> subprocess.Popen:
-    """A CLI launch of one long trial (logging to `uri`, default the embedded store), returned
-    once Tune holds its second checkpoint."""
-    path = write_spec(tmp_path / f"{name}.yaml", name, {"iterations": [600]}, checkpoint_every=10,
+GATE_PLUGIN = Path(__file__).parent / "plugins" / "gate_base.py"
+
+
+class Gate:
+    """Base `gated` stopping at iteration `at` until released (tests/plugins/gate_base.py): a
+    copy of the plugin in `folder`, with `at` beside it."""
+
+    def __init__(self, folder: Path, at: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.plugin = folder / GATE_PLUGIN.name
+        shutil.copy(GATE_PLUGIN, self.plugin)
+        self.plugin.with_suffix(".json").write_text(json.dumps({"at": at}))
+        self.at = at
+
+    def env(self, home: Path) -> dict:
+        """`cli_env` with the plugin loaded (the driver validates base `gated` with it)."""
+        return {**cli_env(home), bases.PLUGINS_ENV: str(self.plugin)}
+
+    def reached(self) -> bool:
+        return self.plugin.with_suffix(".reached").exists()
+
+    def release(self) -> None:
+        self.plugin.with_suffix(".release").touch()
+
+
+# A trial that checkpoints at 10 and 20 and stops at iteration 25 until its gate is released.
+GATED = {"base": "gated", "iterations": 60}
+GATE_AT, GATE_CHECKPOINT_EVERY = 25, 10
+
+
+def launch_to_gate(
+    tmp_path: Path, home: Path, name: str, uri: str | None = None, grid: dict | None = None,
+) -> tuple[subprocess.Popen, Gate]:
+    """A CLI launch (logging to `uri`, default the embedded store) of one 60-iteration trial,
+    returned when the trial stands at its gate, iteration 25, with checkpoints of iterations 10
+    and 20 written; `grid` adds trials (which reach no gate if shorter)."""
+    gate = Gate(tmp_path / "gate", GATE_AT)
+    path = write_spec(tmp_path / f"{name}.yaml", name, grid or {"seed": [0]},
+                      base=GATED, checkpoint_every=GATE_CHECKPOINT_EVERY,
                       **({"tracking_uri": uri} if uri else {}))
     log = open(tmp_path / f"{name}.log", "w")
-    driver = subprocess.Popen(cli("launch", str(path)), cwd=ROOT, env=cli_env(home), stdout=log,
+    driver = subprocess.Popen(cli("launch", str(path)), cwd=ROOT, env=gate.env(home), stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
-    client = MlflowClient(uri or tracking.resolve_tracking_uri())
-
-    def checkpointed() -> bool:
-        parent = tracking.find_sweep_run(client, name)
-        runs = tracking.child_runs(client, parent) if parent else []
-        checkpoints = [int(p.name.split("_")[1]) for p in
-                       (home / "ray_results" / name).glob("iterations=600_*/checkpoint_*")]
-        return bool(runs) and runs[0].info.status == "RUNNING" and max(checkpoints, default=0) >= 2
-
     try:
-        wait_for(checkpointed, 240, f"{name}: a checkpointed trial")
-        time.sleep(0.5)  # let the driver snapshot the experiment state after that checkpoint
+        wait_for(lambda: gate.reached() or driver.poll() is not None, 240, f"{name}: the gate")
+        assert gate.reached(), (tmp_path / f"{name}.log").read_text()
     except BaseException:
         kill_session(driver)
         raise
-    return driver
+    return driver, gate
+
+
+def relaunch(tmp_path: Path, gate: Gate, home: Path, name: str) -> subprocess.CompletedProcess:
+    """The same sweep launched again from the CLI, to the end."""
+    return subprocess.run(cli("launch", str(tmp_path / f"{name}.yaml")), cwd=ROOT,
+                          env=gate.env(home), capture_output=True, text=True, timeout=300)
+
+
+def checkpoints(home: Path, name: str, trial: str = "*") -> list[Path]:
+    """The checkpoint folders of a sweep's trials, every launch's."""
+    return sorted((home / "ray_results" / name).glob(f"*/{trial}/checkpoint_*"))
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,14 @@ from processes import HAS_PROC, kill_session  # noqa: E402
 from sweep_helpers import ROOT, TINY, cli, cli_env, sweep_runs, wait_for, write_spec  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from mim4dd.distill import read_state  # noqa: E402
 from mim4dd.evaluate import EVAL_PREFIX, arch_metric, net_metric  # noqa: E402
+from mim4dd.experiment import STATE_FILE  # noqa: E402
 from orchestrator import service, tracking  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from orchestrator.trainable import NETWORKS_FILE  # noqa: E402
+from orchestrator.tune_folder import TRIAL_FILE  # noqa: E402
 
 MODELS = ["convnet", "mlp"]
 
@@ -39,7 +41,7 @@ def arch_accuracies(run, arch: str, nets: int = 2) -> list[float]:
 def tune_results(home, name: str) -> list[dict]:
     """Every result the sweep's trials reported to Tune, in order (each trial's result.json)."""
     lines = []
-    for path in sorted((home / "ray_results" / name).glob("*/result.json")):
+    for path in sorted((home / "ray_results" / name).glob("*/*/result.json")):
         lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return lines
 
@@ -115,20 +117,26 @@ def test_a_trial_killed_mid_evaluation_resumes_without_redoing_networks(home, tm
                              start_new_session=True)
     folder = home / "ray_results" / "evalkill"
 
+    def networks_checkpointed(checkpoint: Path) -> int:
+        """Networks a whole checkpoint holds (every file of it reads); 0 for none."""
+        try:
+            read_state(checkpoint / STATE_FILE)
+            json.loads((checkpoint / TRIAL_FILE).read_text())
+            return len(json.loads((checkpoint / NETWORKS_FILE).read_text()))
+        except (OSError, ValueError, RuntimeError):  # not (yet) whole
+            return 0
+
     def some_networks_checkpointed() -> bool:
-        saved = [len(json.loads(p.read_text()))
-                 for p in folder.glob(f"*/checkpoint_*/{NETWORKS_FILE}")]
+        saved = [networks_checkpointed(p) for p in folder.glob("*/*/checkpoint_*")]
         return 1 <= max(saved, default=0) <= 3
 
-    try:
-        wait_for(some_networks_checkpointed, 240, "a checkpoint with finished networks", 0.1)
-        time.sleep(0.5)  # let the driver snapshot the experiment state after that checkpoint
+    try:  # killed once a whole checkpoint holds 1-3 of the 6 networks
+        wait_for(some_networks_checkpointed, 240, "a checkpoint with finished networks", 0.05)
     finally:
         kill_session(first)
         log.close()
     _, _, [run] = sweep_runs(tracking.resolve_tracking_uri(), "evalkill")
     assert run.info.status == "RUNNING", (tmp_path / "first.log").read_text()
-    killed_at = len(tune_results(home, "evalkill"))
 
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
@@ -140,12 +148,12 @@ def test_a_trial_killed_mid_evaluation_resumes_without_redoing_networks(home, tm
     assert run.data.tags[tracking.TAG_RESUMED] == "5"  # from the final state: no distilling
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5]
-    # The resumed attempt trained only the networks its checkpoint did not hold: its reports
-    # count on from there, each network once.
-    resumed = [r["eval_networks_done"] for r in tune_results(home, "evalkill")[killed_at:]
-               if "eval_networks_done" in r]
+    # The resumed attempt (the killed launch's folder is gone once it finished) trained only
+    # the networks its checkpoint did not hold: its reports count on from there, each once.
+    rows = tune_results(home, "evalkill")
+    resumed = [r["eval_networks_done"] for r in rows if "eval_networks_done" in r]
     assert resumed and resumed == list(range(resumed[0], 7)) and resumed[0] >= 2, resumed
-    assert not [r for r in tune_results(home, "evalkill")[killed_at:] if "loss" in r]
+    assert not [r for r in rows if "loss" in r]
     assert_eval_metrics_logged_once(client, run)
     results = json.loads(Path(client.download_artifacts(
         run.info.run_id, "results.json", str(tmp_path))).read_text())

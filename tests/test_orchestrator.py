@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -32,11 +31,11 @@ from typer.testing import CliRunner  # noqa: E402
 
 from mim4dd.evaluate import TEST_ACC_MEAN, TEST_ACC_STD, net_metric  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import lineage, queries, service, tracking, trial_run  # noqa: E402
+from orchestrator import lineage, queries, service, tracking, trial_run, tune_run  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from sweep_helpers import (  # noqa: E402
-    ROOT, cli, cli_env, launch_until_checkpointed, sweep_runs, wait_for, write_spec,
+    ROOT, checkpoints, cli, cli_env, launch_to_gate, relaunch, sweep_runs, wait_for, write_spec,
 )
 
 
@@ -262,57 +261,43 @@ def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
 def test_kill_and_relaunch_resumes_from_checkpoints(home, tmp_path):
-    path = write_spec(tmp_path / "resume.yaml", "resume", {"iterations": [4, 600]},
-                      checkpoint_every=10)
-    env, log = cli_env(home), open(tmp_path / "first.log", "w")
-    command = cli("launch", str(path))
-    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    first, gate = launch_to_gate(tmp_path, home, "resume", grid={"iterations": [4, 60]})
     client = MlflowClient(tracking.resolve_tracking_uri())
-    trial_dirs = home / "ray_results" / "resume"
 
-    def short_done_and_long_checkpointed() -> bool:
-        parent = tracking.find_sweep_run(client, "resume")
+    def short_done() -> bool:
         runs = {r.data.tags[tracking.TAG_KEY]: r
-                for r in (tracking.child_runs(client, parent) if parent else [])}
-        short, long = runs.get("iterations=4"), runs.get("iterations=600")
-        if not (short and long and short.info.status == "FINISHED"):
-            return False
-        # checkpoint_000002 or later: Tune has recorded an earlier one in its saved state
-        checkpoints = [int(p.name.split("_")[1])
-                       for p in trial_dirs.glob("iterations=600_*/checkpoint_*")]
-        return long.info.status == "RUNNING" and max(checkpoints, default=0) >= 2
+                for r in sweep_runs(tracking.resolve_tracking_uri(), "resume")[2]}
+        return "iterations=4" in runs and runs["iterations=4"].info.status == "FINISHED"
 
     try:
-        wait_for(short_done_and_long_checkpointed, 240, "a finished and a checkpointed trial")
-        time.sleep(0.5)  # let the driver snapshot the experiment state after that checkpoint
+        wait_for(short_done, 240, "the short trial to finish")
     finally:
         kill_session(first)  # the driver, the Ray cluster it started and the trial workers
-        log.close()
     parent = tracking.find_sweep_run(client, "resume")
     long = {r.data.tags[tracking.TAG_KEY]: r for r in tracking.child_runs(client, parent)}
-    assert long["iterations=600"].info.status == "RUNNING", (tmp_path / "first.log").read_text()
+    assert long["iterations=60"].info.status == "RUNNING", (tmp_path / "resume.log").read_text()
 
-    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    second = relaunch(tmp_path, gate, home, "resume")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "2/2 finished (1 before this launch)" in second.stdout, second.stdout
+    assert "1 resumed from checkpoints" in second.stdout, second.stdout
 
     parent = tracking.find_sweep_run(client, "resume")
     children = tracking.child_runs(client, parent)
     keys = [r.data.tags[tracking.TAG_KEY] for r in children]
-    assert sorted(keys) == ["iterations=4", "iterations=600"]  # no duplicate child runs
+    assert sorted(keys) == ["iterations=4", "iterations=60"]  # no duplicate child runs
     assert all(r.info.status == "FINISHED" for r in children)
     assert parent.info.status == "FINISHED"
     by_key = dict(zip(keys, children, strict=True))
-    resumed = int(by_key["iterations=600"].data.tags[tracking.TAG_RESUMED])
-    assert resumed > 0 and resumed % 10 == 0
+    assert by_key["iterations=60"].data.tags[tracking.TAG_RESUMED] == "20"  # the gate's checkpoint
     assert tracking.TAG_RESUMED not in by_key["iterations=4"].data.tags
-    steps = [m.step for m in client.get_metric_history(by_key["iterations=600"].info.run_id,
+    steps = [m.step for m in client.get_metric_history(by_key["iterations=60"].info.run_id,
                                                        "loss")]
-    assert sorted(steps) == list(range(1, 601))  # every step once, none lost or doubled
-    assert SyntheticSet.load(queries.pull(by_key["iterations=600"].info.run_id,
-                                           tmp_path / "set")).manifest["iterations_done"] == 600
+    assert sorted(steps) == list(range(1, 61))  # every step once, none lost or doubled
+    assert SyntheticSet.load(queries.pull(by_key["iterations=60"].info.run_id,
+                                           tmp_path / "set")).manifest["iterations_done"] == 60
+    # Every trial finished: the killed launch's folder, spent, is gone; only this launch's left.
+    assert len(list((home / "ray_results" / "resume").iterdir())) == 1
 
 
 def test_invalid_spec_fails_fast(tmp_path):
@@ -412,100 +397,98 @@ def test_report_and_status_show_only_the_current_config(ray_cluster, home, tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
 def test_sigterm_stops_like_ctrl_c(home, tmp_path):
-    driver = launch_until_checkpointed(tmp_path, home, "term")
+    driver, gate = launch_to_gate(tmp_path, home, "term")
+    env = gate.env(home)
     try:
         # From another terminal: SIGTERM to the launch, what `timeout` and schedulers send too.
-        stopped = subprocess.run(cli("stop", "term"), cwd=ROOT, env=cli_env(home),
+        stopped = subprocess.run(cli("stop", "term"), cwd=ROOT, env=env,
                                  capture_output=True, text=True, timeout=120)
         assert stopped.returncode == 0 and str(driver.pid) in stopped.stdout, stopped.stderr
+        gate.release()  # the trial goes on to its next report, where Tune stops it
         assert driver.wait(timeout=120) != 0
     finally:
         kill_session(driver)
-    nothing = subprocess.run(cli("stop", "term"), cwd=ROOT, env=cli_env(home),
+    nothing = subprocess.run(cli("stop", "term"), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 1 and "no launch of sweep 'term' is running" in nothing.stderr
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "term")
     assert parent.info.status == "KILLED", (tmp_path / "term.log").read_text()
     assert [r.info.status for r in children] == ["KILLED"]  # nothing left RUNNING
 
-    # A Tune folder this version cannot restore (an older mim4dd's, say) does not block it.
-    # (When the stop cut the newest checkpoint short, the folder is set aside before any
-    # restore is tried; either way the trial goes on in its run.)
-    (home / "ray_results" / "term" / "tuner.pkl").write_bytes(b"not a pickle")
-    again = subprocess.run(cli("launch", str(tmp_path / "term.yaml")), cwd=ROOT,
-                           env=cli_env(home), capture_output=True, text=True, timeout=300)
+    # Tune's own state is never restored (it would unpickle it): a broken one blocks nothing.
+    [launch] = (home / "ray_results" / "term").iterdir()
+    (launch / "tuner.pkl").write_bytes(b"not a pickle")
+    again = relaunch(tmp_path, gate, home, "term")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert ("cannot restore the Tune experiment" in again.stderr
-            or "is gone; its trial goes on in the same run" in again.stderr), again.stderr
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "term")
     assert [r.info.status for r in children] == ["FINISHED"]  # the same run, finished
+    assert int(children[0].data.tags[tracking.TAG_RESUMED]) >= 20
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
 def test_a_deleted_checkpoint_does_not_block_the_sweep(home, tmp_path):
-    kill_session(launch_until_checkpointed(tmp_path, home, "gone"))
-    for checkpoint in (home / "ray_results" / "gone").glob("iterations=600_*/checkpoint_*"):
+    driver, gate = launch_to_gate(tmp_path, home, "gone")
+    kill_session(driver)
+    for checkpoint in checkpoints(home, "gone"):
         shutil.rmtree(checkpoint)
 
-    again = subprocess.run(cli("launch", str(tmp_path / "gone.yaml")), cwd=ROOT,
-                           env=cli_env(home), capture_output=True, text=True, timeout=300)
+    again = relaunch(tmp_path, gate, home, "gone")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "is gone; its trial goes on in the same run" in again.stdout + again.stderr
+    assert "resumed from checkpoints" not in again.stdout
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "gone")
     assert parent.info.status == "FINISHED"
     assert [r.info.status for r in children] == ["FINISHED"]  # the same child run, finished
     steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "loss")]
-    assert sorted(steps) == list(range(1, 601))  # redone from scratch, each step logged once
+    assert sorted(steps) == list(range(1, 61))  # redone from scratch, each step logged once
     assert tracking.TAG_RESUMED not in children[0].data.tags  # no checkpoint left to resume
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
 def test_a_relaunch_with_a_changed_max_concurrent_uses_it_and_still_resumes(home, tmp_path):
-    # A restored Tune experiment keeps the max_concurrent and retries it was started with, so
-    # a changed one used to be ignored without a word (found running sweeps/mim_choices_dm).
-    kill_session(launch_until_checkpointed(tmp_path, home, "wider"))
+    # Restoring Tune's experiment kept the max_concurrent and retries it was started with, so
+    # a changed one was ignored without a word (found running sweeps/mim_choices_dm); every
+    # launch is a fresh Tune experiment now.
+    driver, gate = launch_to_gate(tmp_path, home, "wider")
+    kill_session(driver)
     path = tmp_path / "wider.yaml"
     spec = yaml.safe_load(path.read_text())
-    path.write_text(yaml.safe_dump({**spec, "max_concurrent": 2}, sort_keys=False))
+    path.write_text(yaml.safe_dump({**spec, "max_concurrent": 2, "retries": 3}, sort_keys=False))
 
-    again = subprocess.run(cli("launch", str(path)), cwd=ROOT, env=cli_env(home),
-                           capture_output=True, text=True, timeout=300)
+    again = relaunch(tmp_path, gate, home, "wider")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "the sweep file changed max_concurrent None -> 2: its trials go on from their " \
-           "checkpoints" in again.stdout + again.stderr
-    folder = home / "ray_results" / "wider"
-    assert json.loads((folder / "mim4dd_tune.json").read_text())["max_concurrent"] == 2
+    [launch] = (home / "ray_results" / "wider").iterdir()  # the killed one's folder is spent
+    settings = json.loads((launch / tune_run.SETTINGS_FILE).read_text())
+    assert settings["max_concurrent"] == 2 and settings["retries"] == 3
     client, parent, [child] = sweep_runs(tracking.resolve_tracking_uri(), "wider")
-    assert child.info.status == "FINISHED" and int(child.data.tags[tracking.TAG_RESUMED]) > 0
+    assert child.info.status == "FINISHED" and child.data.tags[tracking.TAG_RESUMED] == "20"
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
-    assert sorted(steps) == list(range(1, 601))  # every step once, none lost or doubled
+    assert sorted(steps) == list(range(1, 61))  # every step once, none lost or doubled
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
-def test_a_checkpoint_newer_than_tunes_saved_state_is_resumed_from(home, tmp_path):
+def test_the_newest_checkpoint_on_disk_is_resumed_from(home, tmp_path):
     # Tune's driver deletes a trial's older checkpoint when it registers the newer one and
-    # saves the state naming it a moment later; a kill in between leaves a state that names a
-    # checkpoint gone while a newer one exists (it failed CI once). Made certain here: the
-    # checkpoint on disk is renamed to the next index, so the one the state names is gone.
-    kill_session(launch_until_checkpointed(tmp_path, home, "lag"))
-    *older, newest = sorted((home / "ray_results" / "lag").glob("iterations=600_*/checkpoint_*"))
-    for checkpoint in older:  # one the driver had not deleted yet
-        shutil.rmtree(checkpoint)
+    # saves the state naming it a moment later; a kill in between left Tune's state naming a
+    # checkpoint gone while a newer one existed (it failed CI once). Made certain here: the
+    # newest checkpoint is renamed to the next index, and an older one kept beside it.
+    driver, gate = launch_to_gate(tmp_path, home, "lag")
+    kill_session(driver)
+    *_, newest = checkpoints(home, "lag")
     newer = newest.with_name(f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}")
     newest.rename(newer)
     saved = json.loads((newer / "trial.json").read_text())
+    assert saved["iteration"] == 20
 
-    again = subprocess.run(cli("launch", str(tmp_path / "lag.yaml")), cwd=ROOT,
-                           env=cli_env(home), capture_output=True, text=True, timeout=300)
+    again = relaunch(tmp_path, gate, home, "lag")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "is gone; its trial goes on in the same run" in again.stdout + again.stderr
     client, parent, [child] = sweep_runs(tracking.resolve_tracking_uri(), "lag")
     assert child.info.status == "FINISHED" and child.info.run_id == saved["run_id"]
-    assert child.data.tags[tracking.TAG_RESUMED] == str(saved["iteration"])
+    assert child.data.tags[tracking.TAG_RESUMED] == "20"
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
-    assert sorted(steps) == list(range(1, 601))  # every step once, none lost or doubled
+    assert sorted(steps) == list(range(1, 61))  # every step once, none lost or doubled
 
 
 @pytest.mark.slow

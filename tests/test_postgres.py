@@ -7,7 +7,6 @@ answers on 127.0.0.1:5432 (CI's machines run one)."""
 from __future__ import annotations
 
 import secrets
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +25,7 @@ from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from orchestrator.trial_run import TrialRun  # noqa: E402
 from sweep_helpers import (  # noqa: E402
-    ROOT, cli, cli_env, launch_until_checkpointed, mlflow_server, sweep_runs, write_spec,
+    ROOT, launch_to_gate, mlflow_server, relaunch, sweep_runs, write_spec,
 )
 
 pytestmark = pytest.mark.slow
@@ -115,18 +114,18 @@ def test_trials_logging_the_same_dataset_at_one_instant_all_succeed(digits, serv
 
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
 def test_resume_after_a_killed_driver_on_postgres(home, tmp_path, server):
-    kill_session(launch_until_checkpointed(tmp_path, home, "pgresume", uri=server))
-    again = subprocess.run(cli("launch", str(tmp_path / "pgresume.yaml")), cwd=ROOT,
-                           env=cli_env(home), capture_output=True, text=True, timeout=300)
+    driver, gate = launch_to_gate(tmp_path, home, "pgresume", uri=server)
+    kill_session(driver)
+    again = relaunch(tmp_path, gate, home, "pgresume")
     assert again.returncode == 0, again.stdout + again.stderr
 
     client, parent, children = sweep_runs(server, "pgresume")
     assert parent.info.status == "FINISHED"
     [run] = children  # the same child run, continued
     assert run.info.status == "FINISHED"
-    assert int(run.data.tags[tracking.TAG_RESUMED]) > 0
+    assert run.data.tags[tracking.TAG_RESUMED] == "20"  # the checkpoint before the gate
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(steps) == list(range(1, 601))  # none lost, none doubled
+    assert sorted(steps) == list(range(1, 61))  # none lost, none doubled
 
 
 def test_the_server_recipe_is_the_documented_one():
