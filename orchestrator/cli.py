@@ -104,12 +104,7 @@ def launch(
         return
     if outcome.summary is not None and not outcome.summary.empty:
         _print_summary(outcome.summary, spec.name)
-    out.print(
-        f"[bold]{spec.name}[/]: {outcome.status}; {len(outcome.finished)}/{outcome.total} "
-        f"finished ({len(outcome.skipped)} before this launch), {len(outcome.failed)} failed, "
-        f"{len(outcome.unfinished)} unfinished"
-        + (f"; {outcome.resumed} resumed from checkpoints" if outcome.resumed else "")
-    )
+    out.print(f"[bold]{spec.name}[/]: {escape(outcome.counts())}")
     for key, reason in outcome.failed.items():
         out.print(f"  [red]failed[/] {escape(key)}: {escape(reason)}", highlight=False)
     out.print(f"tracking: {outcome.tracking_uri}  parent run: {outcome.parent_run_id}")

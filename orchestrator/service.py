@@ -58,6 +58,13 @@ class SweepOutcome:
     table: list[dict[str, Any]] = field(default_factory=list)  # dry run rows
     buffers: list[dict[str, Any]] = field(default_factory=list)  # dry run: expert buffers
 
+    def counts(self) -> str:
+        """The launch in one line: its status and what became of its trials."""
+        resumed = f"; {self.resumed} resumed from checkpoints" if self.resumed else ""
+        return (f"{self.status}; {len(self.finished)}/{self.total} finished ({len(self.skipped)} "
+                f"before this launch), {len(self.failed)} failed, {len(self.unfinished)} "
+                f"unfinished{resumed}")
+
 
 def launch(
     spec: SweepSpec, *, dry_run: bool = False, progress: bool = True,

@@ -81,20 +81,36 @@ def home(tmp_path, monkeypatch, template_db) -> Path:
     return home
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """An in-process local Ray cluster shared by a test module, listening on loopback only."""
+@pytest.fixture(scope="session")
+def _ray_session_end():
+    """Stops the shared Ray cluster when the test session ends."""
+    yield
+    stop_shared_ray()
+
+
+@pytest.fixture
+def ray_cluster(_ray_session_end):
+    """The in-process local Ray cluster every test shares (listening on loopback only): started
+    by the first test that asks for it, and again after a test that needs Ray down stopped it
+    (`stop_shared_ray`). Tests whose subject is a crash or a restart start their own."""
     import ray
 
     from orchestrator import tune_run
 
-    for name, value in tune_run.RAY_ENV.items():
-        os.environ.setdefault(name, value)
-    tune_run.start_local(
-        num_cpus=2, log_to_driver=False, runtime_env={"env_vars": dict(tune_run.RAY_ENV)},
-    )
-    yield
-    ray.shutdown()
+    if not ray.is_initialized():
+        for name, value in tune_run.RAY_ENV.items():
+            os.environ.setdefault(name, value)
+        tune_run.start_local(
+            num_cpus=2, log_to_driver=False, runtime_env={"env_vars": dict(tune_run.RAY_ENV)},
+        )
+
+
+def stop_shared_ray() -> None:
+    """For a test that needs no Ray running in this process (the next `ray_cluster` restarts it)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def mim_share_of_first_step(make) -> tuple[float, float, float]:

@@ -74,11 +74,11 @@ class Gate:
     """Base `gated` stopping at iteration `at` until released (tests/plugins/gate_base.py): a
     copy of the plugin in `folder`, with `at` beside it."""
 
-    def __init__(self, folder: Path, at: int):
+    def __init__(self, folder: Path, at: int, each: bool = False):
         folder.mkdir(parents=True, exist_ok=True)
         self.plugin = folder / GATE_PLUGIN.name
         shutil.copy(GATE_PLUGIN, self.plugin)
-        self.plugin.with_suffix(".json").write_text(json.dumps({"at": at}))
+        self.plugin.with_suffix(".json").write_text(json.dumps({"at": at, "each": each}))
         self.at = at
 
     def env(self, home: Path) -> dict:
@@ -87,6 +87,10 @@ class Gate:
 
     def reached(self) -> bool:
         return self.plugin.with_suffix(".reached").exists()
+
+    def trials_waiting(self) -> int:
+        """With `each`: how many trials stand at the gate."""
+        return len(list(self.plugin.parent.glob(f"{self.plugin.stem}.reached-*")))
 
     def release(self) -> None:
         self.plugin.with_suffix(".release").touch()

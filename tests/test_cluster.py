@@ -2,7 +2,7 @@
 
 Both nodes and the server run on this machine, but nothing is shared in-process: the sweep
 is launched by the CLI in its own process with `--address` and `--tracking-uri`, its trials
-run on whichever node Ray picks (one CPU per node, so two trials need both), every trial logs
+run on the nodes Ray picks (one CPU per node, and both trials held at once: one each), every trial logs
 and uploads its set through the server's artifact proxy, and the set is pulled back over HTTP.
 """
 
@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import yaml
@@ -21,11 +19,13 @@ import yaml
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
-from processes import HAS_PROC  # noqa: E402
+from conftest import stop_shared_ray  # noqa: E402
+from processes import HAS_PROC, kill_session  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from mim4dd.synset import SyntheticSet  # noqa: E402
 from orchestrator import queries, tracking, tune_run  # noqa: E402
+from sweep_helpers import ROOT, TINY, Gate, cli, wait_for  # noqa: E402
 from sweep_helpers import mlflow_server as start_mlflow_server  # noqa: E402
 
 pytestmark = [
@@ -34,11 +34,9 @@ pytestmark = [
     pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc"),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
+    stop_shared_ray()  # this process joins no cluster: its loopback one confused this one's address
     # A private Ray temp dir (short: it holds unix sockets), so this cluster's address file
     # never makes another process's plain `ray.init()` join it.
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
@@ -70,31 +68,34 @@ def mlflow_server(tmp_path_factory):
 
 
 def test_sweep_on_two_nodes_with_tracking_server(cluster, mlflow_server, tmp_path):
+    # Each node has one CPU and each trial takes one; both trials stop at a gate (iteration 3)
+    # until the test has seen both there, so they run at once and must be on different nodes.
+    gate = Gate(tmp_path / "gate", at=3, each=True)
     spec = {
         "name": "cluster",
-        # Long enough (~10 s a trial) that the two trials overlap and so take one node each:
-        # at 60 iterations a trial took ~3.6 s, and one started after the other had finished
-        # could land on the same node (1 failure in 3 runs).
-        "engine": {"dataset": "digits", "model": {"width": 8}, "iterations": 240,
-                 "batch_real": 16, "ipc": 1, "eval": {"epochs": 90, "lr": 0.1, "num_nets": 2}},
+        "engine": {**TINY, "base": "gated", "iterations": 8},
         "grid": {"seed": [0, 1]},
         "resources": {"cpu": 1},
-        "checkpoint_every": 20,
+        "checkpoint_every": 4,
     }
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(spec))
     home = tmp_path / "home"
-    env = {**os.environ, tracking.HOME_ENV: str(home)}
-    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-
-    launched = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "launch", str(path),
-         "--address", cluster.address, "--tracking-uri", mlflow_server],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    log = open(tmp_path / "launch.log", "w")
+    launched = subprocess.Popen(
+        cli("launch", str(path), "--address", cluster.address, "--tracking-uri", mlflow_server),
+        cwd=ROOT, env=gate.env(home), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    assert "2/2 finished" in launched.stdout
+    try:
+        wait_for(lambda: gate.trials_waiting() == 2 or launched.poll() is not None, 240,
+                 "both trials at the gate")
+        gate.release()
+        assert launched.wait(timeout=240) == 0, (tmp_path / "launch.log").read_text()
+    finally:
+        kill_session(launched)
+        log.close()
+    assert "2/2 finished" in (tmp_path / "launch.log").read_text()
     assert not (home / "mlflow.db").exists()  # everything went to the server
 
     client = MlflowClient(mlflow_server)

@@ -39,9 +39,9 @@ def _admin():
         pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({str(exc).strip()})")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def postgres_uri():
-    """A fresh database for this test, dropped afterwards (its connections closed first)."""
+    """A fresh database for this module, dropped afterwards (its connections closed first)."""
     name = f"mim4dd_test_{secrets.token_hex(4)}"
     admin = _admin()
     with admin.cursor() as cursor:
@@ -56,9 +56,11 @@ def postgres_uri():
         admin.close()
 
 
-@pytest.fixture
-def server(postgres_uri, tmp_path):
-    with mlflow_server(tmp_path / "server", postgres_uri) as url:
+@pytest.fixture(scope="module")
+def server(postgres_uri, tmp_path_factory):
+    """One server for the module (its start migrates the database: ~20 s); each test logs to
+    sweeps and experiments of its own."""
+    with mlflow_server(tmp_path_factory.mktemp("server"), postgres_uri) as url:
         yield url
 
 
@@ -108,7 +110,8 @@ def test_trials_logging_the_same_dataset_at_one_instant_all_succeed(digits, serv
         inputs = client.get_run(run.run_id).inputs.dataset_inputs
         assert sorted(i.tags[0].value for i in inputs) == sorted(splits)
     with psycopg.connect(postgres_uri) as db:
-        rows = db.execute("SELECT name, digest, count(*) FROM datasets GROUP BY name, digest")
+        rows = db.execute("SELECT name, digest, count(*) FROM datasets WHERE experiment_id = %s "
+                          "GROUP BY name, digest", (int(experiment),))
         assert [count for *_, count in rows] == [1, 1, 1]  # one row per split, shared by all
 
 

@@ -11,6 +11,7 @@ import yaml
 
 pytest.importorskip("mlflow")
 import torch  # noqa: E402
+from conftest import stop_shared_ray  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from orchestrator import service, tracking  # noqa: E402
@@ -23,6 +24,7 @@ ENGINE = {"dataset": "digits", "iterations": 2, "model": {"width": 8}}
 
 @pytest.fixture
 def bare_home(tmp_path, monkeypatch):
+    stop_shared_ray()  # these tests check that a refused launch starts no Ray
     home = tmp_path / "home"
     monkeypatch.setenv(tracking.HOME_ENV, str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
