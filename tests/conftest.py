@@ -113,6 +113,16 @@ def stop_shared_ray() -> None:
         ray.shutdown()
 
 
+def use_plugin(monkeypatch, plugin: Path) -> None:
+    """$MIM4DD_PLUGINS names `plugin` (a .py file) for this test; the base registry is restored
+    afterwards, so the bases it registers do not outlive the test."""
+    from mim4dd import bases
+
+    monkeypatch.setattr(bases, "_registry", dict(bases._registry))
+    monkeypatch.setattr(bases, "_loaded_plugins", set())
+    monkeypatch.setenv(bases.PLUGINS_ENV, str(plugin))
+
+
 def mim_share_of_first_step(make) -> tuple[float, float, float]:
     """For distillers `make()` builds alike: the MIM term's share of the image gradient the
     first step applied, measured from the images' change (|G - grad L_base| / |grad L_base|,

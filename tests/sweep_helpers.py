@@ -81,6 +81,14 @@ class Gate:
         self.plugin.with_suffix(".json").write_text(json.dumps({"at": at, "each": each}))
         self.at = at
 
+    @classmethod
+    def existing(cls, folder: Path) -> Gate:
+        """The gate a test made in `folder` earlier (or a copy of it)."""
+        gate = cls.__new__(cls)
+        gate.plugin = folder / GATE_PLUGIN.name
+        gate.at = json.loads(gate.plugin.with_suffix(".json").read_text())["at"]
+        return gate
+
     def env(self, home: Path) -> dict:
         """`cli_env` with the plugin loaded (the driver validates base `gated` with it)."""
         return {**cli_env(home), bases.PLUGINS_ENV: str(self.plugin)}

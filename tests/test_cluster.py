@@ -1,9 +1,9 @@
 """A sweep on a two-node Ray cluster logging to an MLflow tracking server over HTTP.
 
 Both nodes and the server run on this machine, but nothing is shared in-process: the sweep
-is launched by the CLI in its own process with `--address` and `--tracking-uri`, its trials
-run on the nodes Ray picks (one CPU per node, and both trials held at once: one each), every trial logs
-and uploads its set through the server's artifact proxy, and the set is pulled back over HTTP.
+is launched by the CLI in its own process with `--address` and `--tracking-uri`, its two trials
+are held at once (one CPU per node: one trial on each), every trial logs and uploads its set
+through the server's artifact proxy, and the set is pulled back over HTTP.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def test_a_sweep_on_two_architectures_reports_a_column_each(ray_cluster, home, t
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
-def test_a_trial_killed_mid_evaluation_resumes_without_redoing_networks(home, tmp_path):
+def test_a_trial_killed_mid_evaluation_resumes_without_redoing_networks(ray_cluster, home,
+                                                                         tmp_path):
     # 5 iterations with checkpoints every 2: the final state is saved when evaluation starts.
     # 2 architectures x 3 networks of 600 epochs: seconds each, time to kill in between.
     eval_config = {**TINY["eval"], "models": MODELS, "num_nets": 3, "epochs": 600}
@@ -138,10 +139,8 @@ def test_a_trial_killed_mid_evaluation_resumes_without_redoing_networks(home, tm
     _, _, [run] = sweep_runs(tracking.resolve_tracking_uri(), "evalkill")
     assert run.info.status == "RUNNING", (tmp_path / "first.log").read_text()
 
-    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "1/1 finished (0 before this launch)" in second.stdout, second.stdout
+    second = service.launch(load_spec(path), progress=False)  # in this process: the relaunch
+    assert second.finished == ["lam=0.8"] and not second.skipped and second.resumed == 1
 
     client, _, [run] = sweep_runs(tracking.resolve_tracking_uri(), "evalkill")
     assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_ATTEMPT] == "2"

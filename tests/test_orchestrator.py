@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import subprocess
 import sys
 import zlib
@@ -20,22 +19,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
-from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
-from processes import HAS_PROC, kill_session  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from mim4dd.evaluate import TEST_ACC_MEAN, TEST_ACC_STD, net_metric  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import lineage, queries, service, tracking, trial_run, tune_run  # noqa: E402
+from orchestrator import lineage, queries, service, tracking, trial_run  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from sweep_helpers import (  # noqa: E402
-    ROOT, checkpoints, cli, cli_env, launch_to_gate, relaunch, sweep_runs, wait_for, write_spec,
+    ROOT, cli, cli_env, sweep_runs, wait_for, write_spec,
 )
 
 
@@ -258,48 +254,6 @@ def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
     assert tracking.TAG_FAILURE not in by_key["lr_img=0.1"].data.tags
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
-def test_kill_and_relaunch_resumes_from_checkpoints(home, tmp_path):
-    first, gate = launch_to_gate(tmp_path, home, "resume", grid={"iterations": [4, 60]})
-    client = MlflowClient(tracking.resolve_tracking_uri())
-
-    def short_done() -> bool:
-        runs = {r.data.tags[tracking.TAG_KEY]: r
-                for r in sweep_runs(tracking.resolve_tracking_uri(), "resume")[2]}
-        return "iterations=4" in runs and runs["iterations=4"].info.status == "FINISHED"
-
-    try:
-        wait_for(short_done, 240, "the short trial to finish")
-    finally:
-        kill_session(first)  # the driver, the Ray cluster it started and the trial workers
-    parent = tracking.find_sweep_run(client, "resume")
-    long = {r.data.tags[tracking.TAG_KEY]: r for r in tracking.child_runs(client, parent)}
-    assert long["iterations=60"].info.status == "RUNNING", (tmp_path / "resume.log").read_text()
-
-    second = relaunch(tmp_path, gate, home, "resume")
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "2/2 finished (1 before this launch)" in second.stdout, second.stdout
-    assert "1 resumed from checkpoints" in second.stdout, second.stdout
-
-    parent = tracking.find_sweep_run(client, "resume")
-    children = tracking.child_runs(client, parent)
-    keys = [r.data.tags[tracking.TAG_KEY] for r in children]
-    assert sorted(keys) == ["iterations=4", "iterations=60"]  # no duplicate child runs
-    assert all(r.info.status == "FINISHED" for r in children)
-    assert parent.info.status == "FINISHED"
-    by_key = dict(zip(keys, children, strict=True))
-    assert by_key["iterations=60"].data.tags[tracking.TAG_RESUMED] == "20"  # the gate's checkpoint
-    assert tracking.TAG_RESUMED not in by_key["iterations=4"].data.tags
-    steps = [m.step for m in client.get_metric_history(by_key["iterations=60"].info.run_id,
-                                                       "loss")]
-    assert sorted(steps) == list(range(1, 61))  # every step once, none lost or doubled
-    assert SyntheticSet.load(queries.pull(by_key["iterations=60"].info.run_id,
-                                           tmp_path / "set")).manifest["iterations_done"] == 60
-    # Every trial finished: the killed launch's folder, spent, is gone; only this launch's left.
-    assert len(list((home / "ray_results" / "resume").iterdir())) == 1
-
-
 def test_invalid_spec_fails_fast(tmp_path):
     home = tmp_path / "home"
     path = write_spec(tmp_path / "bad.yaml", "bad", {"lamda": [0.1], "ipc": [0]})
@@ -392,103 +346,6 @@ def test_report_and_status_show_only_the_current_config(ray_cluster, home, tmp_p
     status = queries.sweep_status("changed")
     assert [(t["key"], t["status"]) for t in status.trials] == [("lam=0", "FAILED")]
     assert "FINISHED" not in CliRunner().invoke(app, ["status", "changed"]).output
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
-def test_sigterm_stops_like_ctrl_c(home, tmp_path):
-    driver, gate = launch_to_gate(tmp_path, home, "term")
-    env = gate.env(home)
-    try:
-        # From another terminal: SIGTERM to the launch, what `timeout` and schedulers send too.
-        stopped = subprocess.run(cli("stop", "term"), cwd=ROOT, env=env,
-                                 capture_output=True, text=True, timeout=120)
-        assert stopped.returncode == 0 and str(driver.pid) in stopped.stdout, stopped.stderr
-        gate.release()  # the trial goes on to its next report, where Tune stops it
-        assert driver.wait(timeout=120) != 0
-    finally:
-        kill_session(driver)
-    nothing = subprocess.run(cli("stop", "term"), cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
-    assert nothing.returncode == 1 and "no launch of sweep 'term' is running" in nothing.stderr
-    client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "term")
-    assert parent.info.status == "KILLED", (tmp_path / "term.log").read_text()
-    assert [r.info.status for r in children] == ["KILLED"]  # nothing left RUNNING
-
-    # Tune's own state is never restored (it would unpickle it): a broken one blocks nothing.
-    [launch] = (home / "ray_results" / "term").iterdir()
-    (launch / "tuner.pkl").write_bytes(b"not a pickle")
-    again = relaunch(tmp_path, gate, home, "term")
-    assert again.returncode == 0, again.stdout + again.stderr
-    client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "term")
-    assert [r.info.status for r in children] == ["FINISHED"]  # the same run, finished
-    assert int(children[0].data.tags[tracking.TAG_RESUMED]) >= 20
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
-def test_a_deleted_checkpoint_does_not_block_the_sweep(home, tmp_path):
-    driver, gate = launch_to_gate(tmp_path, home, "gone")
-    kill_session(driver)
-    for checkpoint in checkpoints(home, "gone"):
-        shutil.rmtree(checkpoint)
-
-    again = relaunch(tmp_path, gate, home, "gone")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "resumed from checkpoints" not in again.stdout
-    client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "gone")
-    assert parent.info.status == "FINISHED"
-    assert [r.info.status for r in children] == ["FINISHED"]  # the same child run, finished
-    steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "loss")]
-    assert sorted(steps) == list(range(1, 61))  # redone from scratch, each step logged once
-    assert tracking.TAG_RESUMED not in children[0].data.tags  # no checkpoint left to resume
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
-def test_a_relaunch_with_a_changed_max_concurrent_uses_it_and_still_resumes(home, tmp_path):
-    # Restoring Tune's experiment kept the max_concurrent and retries it was started with, so
-    # a changed one was ignored without a word (found running sweeps/mim_choices_dm); every
-    # launch is a fresh Tune experiment now.
-    driver, gate = launch_to_gate(tmp_path, home, "wider")
-    kill_session(driver)
-    path = tmp_path / "wider.yaml"
-    spec = yaml.safe_load(path.read_text())
-    path.write_text(yaml.safe_dump({**spec, "max_concurrent": 2, "retries": 3}, sort_keys=False))
-
-    again = relaunch(tmp_path, gate, home, "wider")
-    assert again.returncode == 0, again.stdout + again.stderr
-    [launch] = (home / "ray_results" / "wider").iterdir()  # the killed one's folder is spent
-    settings = json.loads((launch / tune_run.SETTINGS_FILE).read_text())
-    assert settings["max_concurrent"] == 2 and settings["retries"] == 3
-    client, parent, [child] = sweep_runs(tracking.resolve_tracking_uri(), "wider")
-    assert child.info.status == "FINISHED" and child.data.tags[tracking.TAG_RESUMED] == "20"
-    steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
-    assert sorted(steps) == list(range(1, 61))  # every step once, none lost or doubled
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
-def test_the_newest_checkpoint_on_disk_is_resumed_from(home, tmp_path):
-    # Tune's driver deletes a trial's older checkpoint when it registers the newer one and
-    # saves the state naming it a moment later; a kill in between left Tune's state naming a
-    # checkpoint gone while a newer one existed (it failed CI once). Made certain here: the
-    # newest checkpoint is renamed to the next index, and an older one kept beside it.
-    driver, gate = launch_to_gate(tmp_path, home, "lag")
-    kill_session(driver)
-    *_, newest = checkpoints(home, "lag")
-    newer = newest.with_name(f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}")
-    newest.rename(newer)
-    saved = json.loads((newer / "trial.json").read_text())
-    assert saved["iteration"] == 20
-
-    again = relaunch(tmp_path, gate, home, "lag")
-    assert again.returncode == 0, again.stdout + again.stderr
-    client, parent, [child] = sweep_runs(tracking.resolve_tracking_uri(), "lag")
-    assert child.info.status == "FINISHED" and child.info.run_id == saved["run_id"]
-    assert child.data.tags[tracking.TAG_RESUMED] == "20"
-    steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
-    assert sorted(steps) == list(range(1, 61))  # every step once, none lost or doubled
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 psycopg = pytest.importorskip("psycopg", reason="the sweep extra's PostgreSQL driver")
+from conftest import use_plugin  # noqa: E402
 from processes import HAS_PROC, kill_session  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -25,7 +26,7 @@ from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from orchestrator.trial_run import TrialRun  # noqa: E402
 from sweep_helpers import (  # noqa: E402
-    ROOT, launch_to_gate, mlflow_server, relaunch, sweep_runs, write_spec,
+    ROOT, launch_to_gate, mlflow_server, sweep_runs, write_spec,
 )
 
 pytestmark = pytest.mark.slow
@@ -116,11 +117,13 @@ def test_trials_logging_the_same_dataset_at_one_instant_all_succeed(digits, serv
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
-def test_resume_after_a_killed_driver_on_postgres(home, tmp_path, server):
+def test_resume_after_a_killed_driver_on_postgres(ray_cluster, home, tmp_path, server,
+                                                  monkeypatch):
     driver, gate = launch_to_gate(tmp_path, home, "pgresume", uri=server)
     kill_session(driver)
-    again = relaunch(tmp_path, gate, home, "pgresume")
-    assert again.returncode == 0, again.stdout + again.stderr
+    use_plugin(monkeypatch, gate.plugin)  # relaunched in this process, on the shared cluster
+    again = service.launch(load_spec(tmp_path / "pgresume.yaml"), progress=False)
+    assert again.status == "FINISHED" and again.resumed == 1
 
     client, parent, children = sweep_runs(server, "pgresume")
     assert parent.info.status == "FINISHED"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from conftest import tiny_config
+from conftest import tiny_config, use_plugin
 from mim4dd import bases
 from mim4dd.config import Config
 from mim4dd.experiment import run_experiment
@@ -20,9 +20,7 @@ TOY = Path(__file__).parent / "plugins" / "toy_base.py"
 @pytest.fixture
 def toy_plugin(monkeypatch):
     """$MIM4DD_PLUGINS names the toy base; the registry is restored afterwards."""
-    monkeypatch.setattr(bases, "_registry", dict(bases._registry))
-    monkeypatch.setattr(bases, "_loaded_plugins", set())
-    monkeypatch.setenv(bases.PLUGINS_ENV, str(TOY))
+    use_plugin(monkeypatch, TOY)
 
 
 def test_unknown_base_names_the_registered_ones(toy_plugin):

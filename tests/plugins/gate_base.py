@@ -5,8 +5,9 @@ A test copies this file into its own folder and writes the settings beside it
 (`<copy>.json`: {"at": 25}); `tests/sweep_helpers.Gate` does both. The first time any trial
 reaches that iteration it writes `<copy>.reached` and waits until `<copy>.release` exists; a
 resumed trial passing the iteration again goes straight on. With {"each": true} every trial
-stops there (writing `<copy>.reached-<pid>`), so a test knows they all run at once. Loaded through $MIM4DD_PLUGINS
-(the sweep service hands it to every trial); the last line registers it as base `gated`.
+stops there (writing `<copy>.reached-<pid>`), so a test knows they all run at once. Loaded
+through $MIM4DD_PLUGINS (the sweep service hands it to every trial); the last line registers it
+as base `gated`.
 """
 
 from __future__ import annotations
