@@ -20,20 +20,20 @@ from rich.table import Table
 
 from mim4dd.cli import VersionOption
 from orchestrator.locks import stop_on_sigterm
+from orchestrator.retrying import impatient_http
 from orchestrator.spec import SpecError, SweepSpec, load_spec
 
-app = typer.Typer(
-    name="mim4dd-sweep", no_args_is_help=True, add_completion=False,
-    help="Run MIM4DD distillation sweeps on Ray Tune, tracked in MLflow.",
-)
+app = typer.Typer(name="mim4dd-sweep", no_args_is_help=True, add_completion=False)
 # Keys, URIs and run ids on one line; in a log or pipe tables too (not wrapped at 80 columns).
 out = Console(soft_wrap=True, width=None if os.isatty(1) else 1000)
 err = Console(stderr=True)
 
 
 @app.callback()
-def main(version: VersionOption = False) -> None:
+def main(ctx: typer.Context, version: VersionOption = False) -> None:
     """Run MIM4DD distillation sweeps on Ray Tune, tracked in MLflow."""
+    if ctx.invoked_subcommand in ("list", "status", "report", "pull"):  # read commands:
+        impatient_http()  # an unreachable server is one line within seconds, not minutes
 
 class ReportFormat(str, Enum):
     table = "table"
@@ -168,7 +168,11 @@ def list_command(tracking_uri: TrackingUri = None) -> None:
     """The sweeps in the store, newest first, with their status and trial counts."""
     from orchestrator.queries import list_sweeps
 
-    if not (rows := list_sweeps(tracking_uri)):
+    try:
+        rows = list_sweeps(tracking_uri)
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    if not rows:
         err.print("no sweeps in this store yet")
         return
     _show(rows)

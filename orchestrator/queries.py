@@ -15,7 +15,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import pandas as pd
 from mlflow.entities import Run
 
 from mim4dd.evaluate import TEST_ACC_MEAN
-from orchestrator import aggregate, cross_arch, tracking, ui_view
+from orchestrator import aggregate, cross_arch, retrying, tracking, ui_view
 from orchestrator.expand import Trial
 
 TRIALS_ARTIFACT = "trials.json"  # on the parent run: {trial key: config digest} of the spec
@@ -86,13 +87,28 @@ class SweepStatus:
         return max(0, self.total - len(self.trials))
 
 
+@contextmanager
+def _reaching(uri: str) -> Iterator[None]:
+    """An unreachable tracking server as one LookupError line (after MLflow's own retries,
+    `retrying.impatient_http` for read commands), not pages of urllib3 tracebacks."""
+    try:
+        yield
+    except Exception as exc:
+        if not retrying.unreachable(exc):
+            raise
+        raise LookupError(f"cannot reach the tracking server at {uri}: is it running, and is "
+                          "the address right (--tracking-uri, MLFLOW_TRACKING_URI)?") from None
+
+
 def open_sweep(name: str, tracking_uri: str | None) -> tuple[Any, Any]:
-    """(client, parent run) of a sweep in the store; LookupError when there is none."""
+    """(client, parent run) of a sweep in the store; LookupError when there is none or the
+    store's server cannot be reached."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if not tracking.store_exists(uri):  # looking must not create an empty store
         raise LookupError(f"no sweep named {name!r}: there is no tracking store at {uri}")
     client = tracking.connect(uri)
-    parent = tracking.find_sweep_run(client, name)
+    with _reaching(uri):
+        parent = tracking.find_sweep_run(client, name)
     if parent is None:
         raise LookupError(f"no sweep named {name!r} in {uri}")
     return client, parent
@@ -105,7 +121,9 @@ def list_sweeps(tracking_uri: str | None = None) -> list[dict[str, Any]]:
     if not tracking.store_exists(uri):
         return []
     rows = []
-    for run in tracking.sweep_runs(tracking.connect(uri)):
+    with _reaching(uri):
+        runs = tracking.sweep_runs(tracking.connect(uri))
+    for run in runs:
         tags = run.data.tags
         finished, total = (tags.get(t, "?") for t in (tracking.TAG_FINISHED, tracking.TAG_TOTAL))
         started = time.localtime(run.info.start_time / 1000)

@@ -1,55 +1,110 @@
-"""MLflow calls that ride out a saturated or briefly unreachable tracking store.
+"""MLflow calls that ride out a briefly unavailable tracking store, decided by cause.
 
-Measured (`benchmarks/bench_tracking.py`, BENCHMARKS.md section 5): with 64 trials logging at
-once, an `mlflow server` on PostgreSQL ran out of database connections and answered HTTP 400
-("QueuePool limit ... connection timed out"), which MLflow's client does not retry: over half
-the trials ended FAILED. Every MLflow call of the service therefore goes through
-`RetryingClient`, which retries with exponential backoff and jitter:
+Two layers, each retrying what it can tell is transient from the error's type and code, never
+from its text (a run id or a path may contain "503" or "timed out"):
 
-* errors that prove the call never took effect (no connection to the database or the server,
-  a locked sqlite file), for every call;
-* errors that leave it unknown (a timeout, a dropped connection, a 5xx), only for calls that
-  are safe to repeat: logging a batch again is a no-op (MLflow skips metric rows it holds, and
-  ours carry fixed timestamps), tags and params are upserts, reads are reads. Creating a run is
-  never repeated on them, so a retry cannot make a second child run.
+* Over HTTP, MLflow's own client retries what the transport reports: refused or reset
+  connections, timeouts, and HTTP 429/500/502/503/504, with backoff. How long it keeps at it is
+  `http_patience`: a read command (`status`, `report`, `list`, `pull`) gives up within about
+  ten seconds with one line; a launch and its trials wait minutes, as MLflow does by default.
+* `RetryingClient` retries what a database store raises in this process (an embedded sqlite
+  store, or a ``postgresql://`` tracking URI), found in the exception's chain:
+  - never applied, so safe to repeat for every call: sqlite's busy or locked file, PostgreSQL's
+    serialization failure or deadlock (rolled back), too many connections, a server that cannot
+    take connections now, SQLAlchemy's exhausted connection pool;
+  - unknown outcome (the connection broke mid-call), repeated only for calls whose repeat is
+    harmless (`REPEATABLE`): logging a batch again is a no-op (MLflow skips metric rows it
+    holds, and ours carry fixed timestamps), tags and params are upserts, reads are reads.
+    Creating a run is never repeated on them, so a retry cannot make a second child run.
+
+Anything else - a missing run, a bad request, a permission error - surfaces at once.
+Measured under load: BENCHMARKS.md section 5 (the server recipe's pool, `orchestrator.server`,
+keeps PostgreSQL's pool from running out behind the server, where it would come back as HTTP 400).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 DELAYS_S = (0.5, 1, 2, 4, 8, 16, 16, 16)  # about a minute in all, then the error stands
-# The call never reached the database (or the server): repeating it is always safe.
-NEVER_APPLIED = ("QueuePool limit", "database is locked", "Connection refused",
-                 "Failed to establish a new connection", "_MLFLOW_TELEMETRY_SESSION_ID")
-# The call may or may not have taken effect.
-UNKNOWN_OUTCOME = ("Read timed out", "timed out", "RemoteDisconnected", "Connection aborted",
-                   "Connection reset", "TEMPORARILY_UNAVAILABLE", "503", "502", "504")
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # result codes (an extended code holds them in its low byte)
+# PostgreSQL SQLSTATEs of a statement that did not take effect: serialization failure, deadlock
+# (its transaction was rolled back), too many connections, cannot connect now, no connection.
+NOT_APPLIED_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P03", "08001", "08004"})
+# ... and of a connection lost during the call: it may or may not have taken effect.
+UNKNOWN_SQLSTATES = frozenset({"08000", "08003", "08006"})
+NOT_APPLIED, UNKNOWN = "not applied", "unknown outcome"
 REPEATABLE = frozenset({
     "log_batch", "log_metric", "log_param", "set_tag", "delete_tag", "set_terminated",
     "update_run", "log_artifact", "log_artifacts", "log_text", "log_dict", "get_run", "search_runs",
     "search_experiments", "get_experiment", "get_experiment_by_name", "get_metric_history",
     "list_artifacts", "download_artifacts", "restore_experiment",
 })
+# MLflow's HTTP retry settings (environment variables it reads at every request): a read command
+# tries twice, 4 s each; a user's own settings win.
+IMPATIENT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "4",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 retried: Counter[str] = Counter()  # method -> retries in this process (benchmarks read it)
 _log = logging.getLogger(__name__)
 
 
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def transient_cause(exc: BaseException) -> str | None:
+    """NOT_APPLIED or UNKNOWN for a transient database error in `exc`'s chain, else None."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    for error in chain(exc):
+        if isinstance(error, PoolTimeout):  # no connection was handed out: nothing ran
+            return NOT_APPLIED
+        sqlite_code = getattr(error, "sqlite_errorcode", None)
+        if isinstance(sqlite_code, int) and sqlite_code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED):
+            return NOT_APPLIED
+        sqlstate = getattr(error, "sqlstate", None)  # psycopg's errors
+        if sqlstate in NOT_APPLIED_SQLSTATES:
+            return NOT_APPLIED
+        if sqlstate in UNKNOWN_SQLSTATES:
+            return UNKNOWN
+    return None
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the tracking server could not be reached (refused, reset, timed out)
+    after MLflow's own retries."""
+    import requests
+
+    return any(isinstance(e, (requests.ConnectionError, requests.Timeout)) for e in chain(exc))
+
+
+def impatient_http() -> None:
+    """This process's MLflow HTTP calls give up within seconds (read commands)."""
+    for name, value in IMPATIENT_HTTP.items():
+        os.environ.setdefault(name, value)
+
+
 def _retryable(method: str, exc: Exception) -> bool:
-    text = f"{type(exc).__name__}: {exc}"
-    if any(sign in text for sign in NEVER_APPLIED):
-        return True
-    return method in REPEATABLE and any(sign in text for sign in UNKNOWN_OUTCOME)
+    cause = transient_cause(exc)
+    return cause == NOT_APPLIED or (cause == UNKNOWN and method in REPEATABLE)
 
 
 class RetryingClient:
-    """An `MlflowClient` whose calls retry transient store errors (see the module docstring);
-    everything else passes through unchanged."""
+    """An `MlflowClient` whose calls retry transient database errors (see the module
+    docstring); everything else passes through unchanged."""
 
     def __init__(self, client: Any):
         self._client = client
@@ -75,4 +130,5 @@ class RetryingClient:
         return call
 
 
-__all__ = ["DELAYS_S", "RetryingClient", "retried"]
+__all__ = ["DELAYS_S", "IMPATIENT_HTTP", "RetryingClient", "chain", "impatient_http",
+           "retried", "transient_cause", "unreachable"]
