@@ -20,8 +20,8 @@ from mim4dd.data import DatasetError
 from mim4dd.distill import Distiller, save_state
 from mim4dd.evaluate import EvalResult, NetEpoch, NetResult
 from mim4dd.experiment import (
-    RESULTS_FILE, STATE_FILE, ExperimentCallback, evaluate_synset, finished_in, load_data,
-    run_experiment,
+    RESULTS_FILE, STATE_FILE, ExperimentCallback, evaluate_synset, finished_config, finished_in,
+    load_data, run_experiment,
 )
 from mim4dd.loglines import LogLines
 from mim4dd.objectives import DivergenceError
@@ -132,8 +132,10 @@ def _evaluation_table(evaluation: EvalResult) -> Table:
 
 
 def default_out_dir(config: Config) -> Path:
-    """Derived from the config, so re-running the same command finds (and resumes) its run."""
-    return Path("runs") / f"{config.dataset}-ipc{config.ipc}-{config.base}-lam{config.lam:g}-seed{config.seed}"
+    """Derived from the config, so re-running the same command finds (and resumes) its run, and
+    a run differing in any other setting (width, iterations, lr) gets its own (the digest)."""
+    name = f"{config.dataset}-ipc{config.ipc}-{config.base}-lam{config.lam:g}-seed{config.seed}"
+    return Path("runs") / f"{name}-{config.digest()[:8]}"
 
 
 class _ProgressCallback(ExperimentCallback):
@@ -221,6 +223,10 @@ def distill(
     if not force and finished_in(out, config):
         console.print(f"{out} already holds this run; nothing to do (--force to redo).")
         return
+    if not force and (other := finished_config(out)) is not None:
+        raise _fail(f"{out} holds a finished run of another config (digest {other.digest()}; "
+                    f"this one is {config.digest()}): give another --out, or --force to "
+                    "replace it")
     resume = state_path if state_path.exists() and not force else None
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ researcher may want to grid over lives here and nowhere else.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Literal
 
@@ -22,7 +24,8 @@ MAX_COUNT = 10_000_000  # iterations or epochs beyond this are a typo (1e20), no
 class StrictModel(BaseModel):
     """Unknown fields are errors, not silently ignored typos; inf and NaN are never a setting."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              strict=True)
 
 
 class ModelConfig(StrictModel):
@@ -238,6 +241,12 @@ class Config(StrictModel):
         if self.mim_blocks is None:
             return list(range(self.model.depth))
         return sorted({b - 1 for b in self.mim_blocks})
+
+    def digest(self) -> str:
+        """16 hex digits that change with any setting: tells a run of this config from a run of
+        another (folder names, a sweep's resume, what may overwrite what)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 __all__ = ["Config", "EvalConfig", "ModelConfig", "DATASETS"]

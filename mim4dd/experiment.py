@@ -72,15 +72,20 @@ class ExperimentResult:
         return directory
 
 
-def finished_in(directory: str | Path, config: Config) -> bool:
-    """True when `directory` holds the results of a run of exactly this config."""
+def finished_config(directory: str | Path) -> Config | None:
+    """The config of the finished run `directory` holds (its results file); None when none."""
     try:
         done = json.loads((Path(directory) / RESULTS_FILE).read_text(encoding="utf-8"))
         # Validated again, so that a field added since (given its default) is not a change.
-        saved = Config.model_validate(done["config"]).model_dump(mode="json")
+        return Config.model_validate(done["config"])
     except (OSError, ValueError, TypeError, KeyError):  # ValueError: also a ValidationError
-        return False
-    return saved == config.model_dump(mode="json")
+        return None
+
+
+def finished_in(directory: str | Path, config: Config) -> bool:
+    """True when `directory` holds the results of a run of exactly this config."""
+    saved = finished_config(directory)
+    return saved is not None and saved.model_dump(mode="json") == config.model_dump(mode="json")
 
 
 def load_data(config: Config) -> RealData:
@@ -173,6 +178,6 @@ def run_experiment(
     return ExperimentResult(synset, evaluation)
 
 
-__all__ = ["RESULTS_FILE", "STATE_FILE", "ExperimentCallback", "ExperimentResult",
+__all__ = ["RESULTS_FILE", "STATE_FILE", "ExperimentCallback", "ExperimentResult", "finished_config",
            "evaluate_random_baseline", "evaluate_synset", "evaluator_for", "finished_in",
            "load_data", "random_real_subset", "run_experiment"]

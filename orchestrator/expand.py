@@ -12,7 +12,6 @@ merge field by field, so ``{eval: {epochs: 20}}`` and ``{eval.epochs: 20}`` mean
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from collections.abc import Mapping
@@ -40,8 +39,7 @@ class Trial:
     digest: str = field(init=False)  # tells a changed config from a finished run of the key
 
     def __post_init__(self) -> None:
-        text = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
-        object.__setattr__(self, "digest", hashlib.sha256(text.encode()).hexdigest()[:16])
+        object.__setattr__(self, "digest", self.config.digest())
 
     def values(self) -> dict[str, Any]:
         """The full engine config as JSON (what crosses to a trial process)."""

@@ -33,11 +33,27 @@ def test_distill_then_evaluate(tmp_path):
 
     again = runner.invoke(app, ["distill", *TINY, "--out", str(out)])
     assert again.exit_code == 0 and "nothing to do" in again.output
+    # Another config (one more iteration) does not silently replace the finished run.
+    other = runner.invoke(app, ["distill", *TINY, "--iterations", "4", "--out", str(out)])
+    assert other.exit_code == 2 and "holds a finished run of another config" in other.output
+    assert "--force" in other.output and json.loads((out / "results.json").read_text()) == results
 
     evaluated = runner.invoke(app, ["evaluate", str(out), "--epochs", "2", "--num-nets", "1"])
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads((out / "evaluation.json").read_text())
     assert report["eval"]["num_nets"] == 1 and len(report["evaluation"]["test_accuracies"]) == 1
+
+
+def test_default_folders_differ_by_any_setting():
+    from mim4dd.cli import default_out_dir
+    from mim4dd.config import Config
+
+    base = Config(dataset="digits", ipc=1, lam=0.8, seed=0)
+    folders = {default_out_dir(base), default_out_dir(base.model_copy(update={"iterations": 7})),
+               default_out_dir(Config(dataset="digits", ipc=1, lam=0.8, seed=0,
+                                      model={"width": 8}))}
+    assert len(folders) == 3  # width or iterations used to share dataset-ipc-base-lam-seed
+    assert default_out_dir(base) == default_out_dir(Config(dataset="digits", ipc=1, seed=0))
 
 
 def test_evaluate_a_saved_set_on_several_architectures(tmp_path, digits):

@@ -108,9 +108,15 @@ INVALID = [
       "checkpoint_every: Input should be greater than or equal to 1"]),
     ("a name longer than a file name may be", spec_with(name="s" * 101),
      ["name: String should have at most 100 characters"]),
-    ("infinite and absurd values", spec_with(grid={"lr_img": [float("inf")], "iterations": [1e15]}),
+    ("infinite and absurd values", spec_with(grid={"lr_img": [float("inf")],
+                                                   "iterations": [10**15, 1e15]}),
      ["grid.lr_img[0]: Input should be a finite number",
-      "grid.iterations[0]: Input should be less than or equal to 10000000"]),
+      "grid.iterations[0]: Input should be less than or equal to 10000000",
+      "grid.iterations[1]: Input should be a valid integer"]),  # 1e15 is a float in YAML
+    # A YAML boolean or a quoted number is not a number (`lam: [no, yes]` was a 0/1 grid).
+    ("booleans and strings as numbers", spec_with(grid={"lam": [False, True], "ipc": ["1"]}),
+     ["grid.lam[0]: Input should be a valid number", "grid.lam[1]: Input should be a valid number",
+      "grid.ipc[0]: Input should be a valid integer"]),
     ("not a device", spec_with(base={"device": "banana"}),
      ["base.device: 'banana' is not a device (allowed: auto, cpu, cuda, cuda:N, mps)"]),
     ("every grid point excluded", spec_with(grid={"lam": [0]}, exclude=[{"lam": 0}]),
