@@ -303,9 +303,12 @@ def write_report(
     return files
 
 
-def log_report(client: Any, run_id: str, summary: pd.DataFrame, files: Sequence[Path]) -> None:
+def log_report(
+    client: Any, run_id: str, summary: pd.DataFrame, files: Sequence[Path], step: int,
+) -> None:
     """On the parent run: the table (browsable in the MLflow UI), each cell's numbers as
-    metrics at step 0 (`cell_metrics`) and the files, under `aggregate/`."""
+    metrics at `step` (the launch's number: one value per launch, `cell_metrics`) and the
+    files, under `aggregate/`."""
     from mlflow.entities import Metric
 
     from orchestrator import tracking
@@ -313,7 +316,7 @@ def log_report(client: Any, run_id: str, summary: pd.DataFrame, files: Sequence[
     if not summary.empty:
         tracking.log_table(client, run_id, summary, "aggregate/summary.json")
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in cell_metrics(summary).items()]
+        metrics = [Metric(k, v, now, step) for k, v in cell_metrics(summary).items()]
         for start in range(0, len(metrics), 1000):  # MLflow takes 1000 per request
             client.log_batch(run_id, metrics=metrics[start : start + 1000])
     for path in files:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,7 @@ def _launch(
         finally:
             tracking.end_run(client, parent_id, status, f"{reason}; relaunch to resume")
         raise
-    _end_parent(client, parent_id, outcome)
+    _end_parent(client, parent, outcome)
     return outcome
 
 
@@ -210,6 +209,11 @@ def _account(
             outcome.unfinished.append(trial.key)
 
 
+def _launch_step(parent: Any) -> int:
+    """The step this launch logs the parent's metrics at (`tracking.TAG_LAUNCH`)."""
+    return int(parent.data.tags.get(tracking.TAG_LAUNCH, 1))
+
+
 def _aggregate(client: Any, parent: Any, digests: dict[str, str]) -> pd.DataFrame | None:
     """The summary of the finished trials, also written and logged as the parent's report."""
     found = queries.summarize(tracking.child_runs(client, parent), digests)
@@ -221,15 +225,16 @@ def _aggregate(client: Any, parent: Any, digests: dict[str, str]) -> pd.DataFram
         files = aggregate.write_report(frame, summary, Path(folder), name)
         table = cross_arch.summarize(frame, aggregate.cell_axes(summary))
         files += cross_arch.write(table, Path(folder), name)
-        aggregate.log_report(client, parent.info.run_id, summary, files)
+        aggregate.log_report(client, parent.info.run_id, summary, files, _launch_step(parent))
     return summary
 
 
-def _end_parent(client: Any, run_id: str, outcome: SweepOutcome) -> None:
+def _end_parent(client: Any, parent: Any, outcome: SweepOutcome) -> None:
+    run_id = parent.info.run_id
     counts = {tracking.TAG_TOTAL: outcome.total, tracking.TAG_FINISHED: len(outcome.finished),
               tracking.TAG_FAILED: len(outcome.failed)}
     tracking.set_tags(client, run_id, counts)
-    step = int(time.time())
+    step = _launch_step(parent)
     for name, value in counts.items():
         client.log_metric(run_id, name.removeprefix("mim4dd."), value, step=step)
     if outcome.unfinished:

@@ -58,6 +58,9 @@ TAG_BUFFERS = "mim4dd.expert_buffers"  # on a parent: digests of the buffers its
 TAG_TOTAL, TAG_FINISHED, TAG_FAILED = (  # on a parent: trial counts of the last launch
     "mim4dd.trials_total", "mim4dd.trials_finished", "mim4dd.trials_failed"
 )
+# On a parent: how many launches it has seen; each launch logs its metrics at this step, so a
+# relaunch adds a step instead of a second value at the same one.
+TAG_LAUNCH = "mim4dd.launch"
 
 SYNSET_PATH = "synset"  # artifact folder holding the synthetic set
 
@@ -256,7 +259,7 @@ def open_sweep_run(
         client.update_run(run.info.run_id, status="RUNNING")
         clear_failure(client, run)
     held = run.data.params
-    tags = {**versions(), **tags}
+    tags = {**versions(), **tags, TAG_LAUNCH: int(run.data.tags.get(TAG_LAUNCH, 0)) + 1}
     if stale := sorted(k for k, v in (params or {}).items() if k in held and held[k] != v):
         tags[TAG_STALE_PARAMS] = ", ".join(stale)
     set_tags(client, run.info.run_id, tags)

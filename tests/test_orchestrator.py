@@ -215,7 +215,13 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     table = client.download_artifacts(parent.info.run_id, "aggregate/summary.json",
                                       str(tmp_path / "again"))
     assert len(pd.read_json(table, orient="split")) == 2
-    assert tracking.TAG_STALE_PARAMS not in client.get_run(parent.info.run_id).data.tags
+    parent = client.get_run(parent.info.run_id)
+    assert tracking.TAG_STALE_PARAMS not in parent.data.tags
+    # each launch logs the parent's numbers at its own step: one value per (metric, step)
+    assert parent.data.tags[tracking.TAG_LAUNCH] == "2"
+    for name in parent.data.metrics:
+        steps = [m.step for m in client.get_metric_history(parent.info.run_id, name)]
+        assert sorted(steps) == [1, 2], (name, steps)
 
 
 def _logged_summary(client, run_id: str, tmp_path: Path) -> pd.DataFrame:
