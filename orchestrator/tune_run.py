@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,12 +58,29 @@ def ray_session(address: str | None) -> Iterator[None]:
 
     for name, value in RAY_ENV.items():
         os.environ.setdefault(name, value)
-    started = _init_ray(address)
+    with _own_sigterm():
+        started = _init_ray(address)
     try:
         yield
     finally:
         if started:
-            ray.shutdown()
+            with _own_sigterm():
+                ray.shutdown()
+
+
+@contextmanager
+def _own_sigterm() -> Iterator[None]:
+    """Keep this process's SIGTERM handler: `ray.init` puts in one that exits at once, which
+    outlived the session and turned a SIGTERM while the sweep was set up or aggregated into an
+    exit that left its runs RUNNING, instead of the launch's stop (`locks.stop_on_sigterm`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread sets handlers
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _init_ray(address: str | None) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -106,12 +107,18 @@ def machine_address() -> str | None:
 def embedded():
     """A sweep's Ray session on the embedded cluster, with a task run in a runtime env (as
     Tune's trials are): yields the listening sockets that appeared meanwhile, as
-    {(address, port): pid}, and the GCS port."""
+    {(address, port): pid}, the GCS port, and whether the SIGTERM handler the session was
+    entered with was still this process's inside it (checked again after it)."""
     import ray
 
     saved = {name: os.environ.pop(name, None) for name in ("RAY_ADDRESS", tune_run.BIND_ENV)}
     stop_shared_ray()  # the cluster under test is the one a sweep's session starts
     before = set(listening())
+
+    def launchs_handler(signum, frame):  # stands for `locks.stop_on_sigterm`'s
+        raise AssertionError("not called")
+
+    previous = signal.signal(signal.SIGTERM, launchs_handler)
     try:
         with tune_run.ray_session(None):
             @ray.remote(runtime_env={"env_vars": {"MIM4DD_PROBE": "1"}})
@@ -123,9 +130,13 @@ def embedded():
             table = listening()
             held = sockets_of(process_tree(os.getpid()))
             opened = {table[i]: pid for i, pid in held.items() if i in table and i not in before}
-            yield opened, gcs_port
+            yield opened, gcs_port, signal.getsignal(signal.SIGTERM) is launchs_handler
         assert not ray.is_initialized()
+        # ray.init's handler (exit at once) outlived the session: a SIGTERM while a launch
+        # aggregated left its runs RUNNING
+        assert signal.getsignal(signal.SIGTERM) is launchs_handler
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for name, value in saved.items():
             if value is not None:
                 os.environ[name] = value
@@ -134,7 +145,7 @@ def embedded():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="reads sockets from /proc")
 def test_embedded_cluster_listens_on_loopback_only(embedded):
-    opened, gcs_port = embedded
+    opened, gcs_port, _ = embedded
     assert gcs_port in {port for _, port in opened}, f"no GCS socket among {opened}"
     exposed = {sock: pid for sock, pid in opened.items() if not is_loopback(sock[0])}
     assert not exposed, f"Ray listens beyond loopback: {exposed}"
@@ -143,7 +154,7 @@ def test_embedded_cluster_listens_on_loopback_only(embedded):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC, reason="reads sockets from /proc")
 def test_embedded_cluster_cannot_be_joined_from_the_network(embedded, tmp_path):
-    _, gcs_port = embedded
+    _, gcs_port, _ = embedded
     address = machine_address()
     if address is None:
         pytest.skip("this machine has no non-loopback address")
@@ -163,6 +174,14 @@ def test_embedded_cluster_cannot_be_joined_from_the_network(embedded, tmp_path):
     except subprocess.TimeoutExpired:
         pass  # it never got in either
     assert not marker.exists()
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="reads sockets from /proc")
+def test_a_sweeps_ray_session_keeps_the_launchs_sigterm_handler(embedded):
+    """`ray.init` installs a SIGTERM handler that exits at once; a launch's stops it as Ctrl-C
+    would (runs end KILLED), in set-up and aggregation too, not only while Tune runs."""
+    *_, kept = embedded
+    assert kept
 
 
 def test_network_bind_refused_without_token_auth(monkeypatch):
