@@ -52,6 +52,7 @@ IMPATIENT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_T
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 retried: Counter[str] = Counter()  # method -> retries in this process (benchmarks read it)
+_impatient = False  # set by `impatient_http`
 _log = logging.getLogger(__name__)
 
 
@@ -92,9 +93,37 @@ def unreachable(exc: BaseException) -> bool:
 
 
 def impatient_http() -> None:
-    """This process's MLflow HTTP calls give up within seconds (read commands)."""
+    """This process's MLflow HTTP calls give up within seconds, and a PostgreSQL database is
+    tried once (read commands: `probe_database`)."""
+    global _impatient
+    _impatient = True
     for name, value in IMPATIENT_HTTP.items():
         os.environ.setdefault(name, value)
+
+
+class StoreError(LookupError):
+    """The tracking store cannot be used, and no retry would mend it: one line saying why."""
+
+
+def probe_database(uri: str) -> None:
+    """In a read command (`impatient_http`): one quick connection to a PostgreSQL tracking
+    database, and StoreError naming it (without its password) and the server's answer when it
+    fails - MLflow itself retries creating its engine for about 100 s, a warning each time."""
+    import sqlalchemy
+
+    if not _impatient:
+        return
+    url = sqlalchemy.engine.make_url(uri)
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 4})
+    try:
+        with engine.connect():
+            return
+    except sqlalchemy.exc.OperationalError as exc:
+        answer = " ".join(str(exc.orig).split())  # libpq's lines, as one
+        raise StoreError(f"cannot use the tracking database "
+                         f"{url.render_as_string(hide_password=True)}: {answer}") from None
+    finally:
+        engine.dispose()
 
 
 def _retryable(method: str, exc: Exception) -> bool:
@@ -130,5 +159,5 @@ class RetryingClient:
         return call
 
 
-__all__ = ["DELAYS_S", "IMPATIENT_HTTP", "RetryingClient", "chain", "impatient_http",
-           "retried", "transient_cause", "unreachable"]
+__all__ = ["DELAYS_S", "IMPATIENT_HTTP", "RetryingClient", "StoreError", "chain",
+           "impatient_http", "probe_database", "retried", "transient_cause", "unreachable"]

@@ -29,7 +29,7 @@ from mlflow.entities import Param, Run, RunTag, ViewType
 
 from orchestrator.lineage import versions
 from orchestrator.locks import held
-from orchestrator.retrying import RetryingClient
+from orchestrator.retrying import RetryingClient, probe_database
 
 HOME_ENV = "MIM4DD_HOME"
 DEFAULT_HOME = ".mim4dd"
@@ -107,8 +107,11 @@ def artifact_root(uri: str) -> str | None:
 
 def connect(uri: str) -> MlflowClient:
     """A client of the store at `uri` whose calls ride out transient store errors
-    (`orchestrator.retrying`)."""
+    (`orchestrator.retrying`); in a read command, a PostgreSQL database it cannot connect to is
+    one StoreError line at once (`retrying.probe_database`)."""
     path = _sqlite_path(uri)
+    if uri.startswith(("postgresql", "postgres:")):
+        probe_database(uri)
     if path is None:
         return RetryingClient(MlflowClient(tracking_uri=uri))
     # MLflow creates and migrates a fresh sqlite store on first use; two processes doing it

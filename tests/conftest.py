@@ -16,6 +16,21 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(autouse=True)
+def _read_commands_leave_http_settings(monkeypatch):
+    """A read command run in-process (CliRunner) makes MLflow's HTTP client impatient for the
+    whole process (`retrying.impatient_http`); each test starts from the settings it had."""
+    from orchestrator import retrying
+    from orchestrator.retrying import IMPATIENT_HTTP
+
+    monkeypatch.setattr(retrying, "_impatient", retrying._impatient)
+    for name in IMPATIENT_HTTP:
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn's 8x8 digits: real, offline, 1,172 train / 125 val / 500 test images."""

@@ -143,6 +143,19 @@ def test_pulling_a_missing_run_answers_at_once(home, tmp_path):
     assert sum(retrying.retried.values()) == before
 
 
+def test_a_postgres_database_that_does_not_exist_is_one_line_at_once(tmp_path):
+    pytest.importorskip("psycopg")
+    uri = "postgresql://postgres@127.0.0.1:5432/mim4dd_no_such_database"
+    serialization_failure()  # skips where no PostgreSQL answers
+    for command in (["status", "demo"], ["list"]):
+        result = CliRunner().invoke(app, [*command, "--tracking-uri", uri])
+        assert result.exit_code == 1, result.output
+        [line] = result.output.strip().splitlines()  # not MLflow's ~100 s of retry warnings
+        assert line.startswith("cannot use the tracking database postgresql://postgres@127.0.0.1"
+                               ":5432/mim4dd_no_such_database: ") and line.endswith(
+            'database "mim4dd_no_such_database" does not exist'), line
+
+
 def test_read_commands_give_one_line_when_the_server_is_unreachable(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     for command in (["status", "demo"], ["report", "demo"], ["list"]):
