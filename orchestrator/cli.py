@@ -20,7 +20,7 @@ from rich.table import Table
 
 from mim4dd.cli import VersionOption
 from orchestrator.locks import stop_on_sigterm
-from orchestrator.retrying import impatient_http
+from orchestrator.retrying import StoreError, impatient_http
 from orchestrator.spec import SpecError, SweepSpec, load_spec
 
 app = typer.Typer(name="mim4dd-sweep", no_args_is_help=True, add_completion=False)
@@ -91,7 +91,7 @@ def launch(
         outcome = run_sweep(spec, dry_run=dry_run, progress=True, console=err, source=spec_file)
     except ExpertStageError as exc:
         raise _fail(f"expert stage failed; no trial was started:\n{exc}") from None
-    except SweepLockedError as exc:
+    except (SweepLockedError, StoreError) as exc:
         raise _fail(f"not launched: {exc}") from None
     except PreflightError as exc:
         raise _fail(f"not launched; nothing was started:\n{exc}", 2) from None
@@ -130,7 +130,7 @@ def experts(
         buffers = prepare_experts(spec, console=err)
     except ExpertStageError as exc:
         raise _fail(f"expert stage failed:\n{exc}") from None
-    except SweepLockedError as exc:
+    except (SweepLockedError, StoreError) as exc:
         raise _fail(f"not started: {exc}") from None
     if not buffers:
         out.print(f"{spec.name}: no trial uses base mtt; no expert buffer is needed")

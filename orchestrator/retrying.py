@@ -30,10 +30,12 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 DELAYS_S = (0.5, 1, 2, 4, 8, 16, 16, 16)  # about a minute in all, then the error stands
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # result codes (an extended code holds them in its low byte)
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
 # PostgreSQL SQLSTATEs of a statement that did not take effect: serialization failure, deadlock
 # (its transaction was rolled back), too many connections, cannot connect now, no connection.
 NOT_APPLIED_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P03", "08001", "08004"})
@@ -82,6 +84,16 @@ def transient_cause(exc: BaseException) -> str | None:
         if sqlstate in UNKNOWN_SQLSTATES:
             return UNKNOWN
     return None
+
+
+def refuse_unreadable(path: Path, exc: BaseException) -> None:
+    """StoreError (one line: the file, what to do) when `exc` says the embedded store at `path`
+    is no database sqlite can read (SQLITE_NOTADB or SQLITE_CORRUPT); else nothing."""
+    if any(isinstance(code := getattr(e, "sqlite_errorcode", None), int)
+           and code & 0xFF in (SQLITE_NOTADB, SQLITE_CORRUPT) for e in chain(exc)):
+        raise StoreError(f"{path} is not an MLflow store sqlite can read (corrupted, or another "
+                         "kind of file): move it aside, and the next launch starts a new store "
+                         "there, or restore it from a backup") from None
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -160,4 +172,5 @@ class RetryingClient:
 
 
 __all__ = ["DELAYS_S", "IMPATIENT_HTTP", "RetryingClient", "StoreError", "chain",
-           "impatient_http", "probe_database", "retried", "transient_cause", "unreachable"]
+           "impatient_http", "probe_database", "refuse_unreadable", "retried", "transient_cause",
+           "unreachable"]

@@ -21,6 +21,7 @@ import os
 import posixpath
 import tempfile
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from mlflow.entities import Param, Run, RunTag, ViewType
 
 from orchestrator.lineage import versions
 from orchestrator.locks import held
-from orchestrator.retrying import RetryingClient, probe_database
+from orchestrator.retrying import RetryingClient, probe_database, refuse_unreadable
 
 HOME_ENV = "MIM4DD_HOME"
 DEFAULT_HOME = ".mim4dd"
@@ -106,19 +107,23 @@ def artifact_root(uri: str) -> str | None:
 
 
 def connect(uri: str) -> MlflowClient:
-    """A client of the store at `uri` whose calls ride out transient store errors
-    (`orchestrator.retrying`); in a read command, a PostgreSQL database it cannot connect to is
-    one StoreError line at once (`retrying.probe_database`)."""
+    """A client of the store at `uri` whose calls ride out transient store errors; a store that
+    cannot be used is one StoreError line (`retrying`: probe_database, refuse_unreadable)."""
     path = _sqlite_path(uri)
     if uri.startswith(("postgresql", "postgres:")):
         probe_database(uri)
     if path is None:
         return RetryingClient(MlflowClient(tracking_uri=uri))
-    # MLflow creates and migrates a fresh sqlite store on first use; two processes doing it
-    # at once break it ("duplicate column name"), so the first use is serialised.
-    with held(path.with_name(path.name + ".lock")):
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)
+    # MLflow creates and migrates a fresh sqlite store on first use; two processes doing it at
+    # once break it, so that is serialised where this user may write (else: readers just read).
+    writable = os.access(path.parent, os.W_OK) or not path.parent.exists()
+    with held(path.with_name(path.name + ".lock")) if writable else nullcontext():
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        except Exception as exc:
+            refuse_unreadable(path, exc)
+            raise
     return RetryingClient(client)
 
 

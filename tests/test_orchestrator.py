@@ -305,6 +305,22 @@ def test_unknown_sweep_and_store_are_clear_errors(tmp_path, monkeypatch):
     assert not (tmp_path / "nothing").exists()  # looking never creates a store
 
 
+def test_a_corrupted_store_is_one_line_for_every_command(tmp_path, monkeypatch):
+    # Before: 297 lines of SQLAlchemy traceback from status, report, list and launch alike.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mlflow.db").write_bytes(bytes(range(256)) * 64)  # not a database
+    monkeypatch.setenv(tracking.HOME_ENV, str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = write_spec(tmp_path / "c.yaml", "c", {"lam": [0]})
+    for command in (["status", "c"], ["report", "c"], ["list"], ["launch", str(spec)]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 1, (command, result.output)
+        [line] = result.output.strip().splitlines()
+        assert f"{home / 'mlflow.db'} is not an MLflow store sqlite can read" in line, line
+        assert "move it aside" in line
+
+
 def test_flatten_and_parse_round_trip():
     flat = trial_run.flatten({"lam": 0.8, "dataset": "digits", "mim_blocks": None,
                              "eval": {"epochs": 5, "dsa": True}, "lr_milestones": [1, 2]})
