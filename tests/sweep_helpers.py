@@ -9,9 +9,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,6 +142,28 @@ def relaunch(tmp_path: Path, gate: Gate, home: Path, name: str) -> subprocess.Co
 def checkpoints(home: Path, name: str, trial: str = "*") -> list[Path]:
     """The checkpoint folders of a sweep's trials, every launch's."""
     return sorted((home / "ray_results" / name).glob(f"*/{trial}/checkpoint_*"))
+
+
+def log_one_dataset_at_once(client, data, trials: int = 8) -> str:
+    """`trials` new runs of a new experiment log `data`'s splits as inputs at one instant (a
+    barrier), as trials of one sweep starting together do; returns the experiment's id.
+    Checks that every run holds its three inputs."""
+    from orchestrator.trial_run import TrialRun
+
+    experiment = client.create_experiment(f"same-dataset-{time.time_ns()}")
+    runs = [TrialRun(client, client.create_run(experiment)) for _ in range(trials)]
+    start = threading.Barrier(len(runs))
+
+    def log(run: TrialRun) -> None:
+        start.wait(timeout=60)
+        run.log_inputs(data)
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        list(pool.map(log, runs))  # re-raises the first failure
+    for run in runs:
+        inputs = client.get_run(run.run_id).inputs.dataset_inputs
+        assert sorted(i.tags[0].value for i in inputs) == ["test", "training", "validation"]
+    return experiment
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sqlite3
 import subprocess
 import sys
 import zlib
@@ -31,7 +32,7 @@ from orchestrator import lineage, queries, service, tracking, trial_run  # noqa:
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from sweep_helpers import (  # noqa: E402
-    ROOT, cli, cli_env, sweep_runs, wait_for, write_spec,
+    ROOT, cli, cli_env, log_one_dataset_at_once, sweep_runs, wait_for, write_spec,
 )
 
 
@@ -303,6 +304,16 @@ def test_unknown_sweep_and_store_are_clear_errors(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 1 and "no sweep named 'nope'" in result.output, command
     assert not (tmp_path / "nothing").exists()  # looking never creates a store
+
+
+def test_trials_logging_the_same_dataset_at_one_instant_on_the_embedded_store(home, digits):
+    experiment = log_one_dataset_at_once(tracking.connect(tracking.resolve_tracking_uri()),
+                                         digits)
+    with sqlite3.connect(home / "mlflow.db") as db:
+        rows = db.execute("SELECT count(*) FROM datasets WHERE experiment_id = ? "
+                          "GROUP BY name, digest", (int(experiment),)).fetchall()
+    db.close()
+    assert [count for (count,) in rows] == [1, 1, 1]  # one row per split, shared by all
 
 
 def test_a_corrupted_store_is_one_line_for_every_command(tmp_path, monkeypatch):

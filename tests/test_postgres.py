@@ -7,8 +7,6 @@ answers on 127.0.0.1:5432 (CI's machines run one)."""
 from __future__ import annotations
 
 import secrets
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -21,12 +19,11 @@ from typer.testing import CliRunner  # noqa: E402
 
 from mim4dd.evaluate import TEST_ACC_MEAN, TEST_ACC_STD  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import service, tracking  # noqa: E402
+from orchestrator import retrying, service, tracking  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
-from orchestrator.trial_run import TrialRun  # noqa: E402
 from sweep_helpers import (  # noqa: E402
-    ROOT, launch_to_gate, mlflow_server, sweep_runs, write_spec,
+    ROOT, launch_to_gate, log_one_dataset_at_once, mlflow_server, sweep_runs, write_spec,
 )
 
 pytestmark = pytest.mark.slow
@@ -94,26 +91,21 @@ def test_trials_logging_the_same_dataset_at_one_instant_all_succeed(digits, serv
     """PostgreSQL refuses the second of two concurrent inserts of one (experiment, name,
     digest) dataset row; a trial meeting that collision must take the row the other wrote.
     Eight trials start their `log_inputs` together (a barrier), so the inserts collide."""
-    client = tracking.connect(server)
-    experiment = client.create_experiment("race")
-    runs = [TrialRun(client, client.create_run(experiment)) for _ in range(8)]
-    start = threading.Barrier(len(runs))
-
-    def log(run: TrialRun) -> None:
-        start.wait(timeout=60)
-        run.log_inputs(digits)
-
-    with ThreadPoolExecutor(len(runs)) as pool:
-        list(pool.map(log, runs))  # re-raises the first failure
-
-    splits = {"training", "validation", "test"}
-    for run in runs:
-        inputs = client.get_run(run.run_id).inputs.dataset_inputs
-        assert sorted(i.tags[0].value for i in inputs) == sorted(splits)
+    experiment = log_one_dataset_at_once(tracking.connect(server), digits)
     with psycopg.connect(postgres_uri) as db:
         rows = db.execute("SELECT name, digest, count(*) FROM datasets WHERE experiment_id = %s "
                           "GROUP BY name, digest", (int(experiment),))
         assert [count for *_, count in rows] == [1, 1, 1]  # one row per split, shared by all
+
+
+def test_a_missing_sweep_or_run_answers_at_once_through_the_server(server, tmp_path):
+    before = sum(retrying.retried.values())
+    status = CliRunner().invoke(app, ["status", "no-such-sweep", "--tracking-uri", server])
+    assert status.exit_code == 1 and "no sweep named 'no-such-sweep'" in status.output
+    pulled = CliRunner().invoke(app, ["pull", "0503" * 8, "--out", str(tmp_path / "set"),
+                                      "--tracking-uri", server])
+    assert pulled.exit_code == 1 and "cannot pull 0503" in pulled.output, pulled.output
+    assert sum(retrying.retried.values()) == before  # nothing was retried
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="finds processes in /proc")
