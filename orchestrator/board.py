@@ -87,7 +87,7 @@ except ImportError:  # pragma: no cover - ray is a dependency of the sweep extra
 
 
 class BoardFeed(TuneCallback):
-    """Tune events -> the board. Stateless, so a restored experiment can unpickle it."""
+    """Tune events -> the board. Stateless: the board itself lives in this process."""
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if _BOARD:

@@ -14,8 +14,8 @@ straight to the tracking server. Each Tune checkpoint is a folder with the engin
 retried or resumed trial continues both the optimisation and the same child run. During the
 evaluation each finished network is logged, reported to Tune and checkpointed with the final
 state (`NETWORKS_FILE`), so a stopped trial resumes its evaluation without retraining them.
-A trial resumes from the newest readable checkpoint it has: Tune's, or one an earlier launch
-left on disk that Tune's saved state no longer names (`LaunchContext.checkpoints_left`).
+A trial resumes from the newest readable checkpoint it has: Tune's own (a retry within this
+launch), or one an earlier launch left (`LaunchContext.checkpoints_left`).
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
         saved = _read_json(restored / TRIAL_FILE) if restored else {}
         run = TrialRun.open(client, context.parent_run_id, context.sweep, trial,
                             run_id=saved.get("run_id"), tags=context.source_tags)
-        if run.finished:  # finished before a kill; Tune's saved state just did not know yet
+        if run.finished:  # finished just before a kill, before this launch counted it
             tune.report({**_final_metrics(run), "skipped": 1})
             return
         try:
