@@ -20,8 +20,8 @@ from mim4dd.data import DatasetError
 from mim4dd.distill import Distiller, save_state
 from mim4dd.evaluate import EvalResult, NetEpoch, NetResult
 from mim4dd.experiment import (
-    RESULTS_FILE, STATE_FILE, ExperimentCallback, evaluate_synset, finished_config, finished_in,
-    load_data, run_experiment,
+    RESULTS_FILE, STATE_FILE, ExperimentCallback, evaluate_synset, finished_config, load_data,
+    run_experiment,
 )
 from mim4dd.loglines import LogLines
 from mim4dd.objectives import DivergenceError
@@ -220,11 +220,12 @@ def distill(
     config = _build_config(config_file, values)
     out = out or default_out_dir(config)
     state_path = out / STATE_FILE
-    if not force and finished_in(out, config):
+    finished = None if force else finished_config(out)
+    if finished is not None and finished.digest() == config.digest():
         console.print(f"{out} already holds this run; nothing to do (--force to redo).")
         return
-    if not force and (other := finished_config(out)) is not None:
-        raise _fail(f"{out} holds a finished run of another config (digest {other.digest()}; "
+    if finished is not None:
+        raise _fail(f"{out} holds a finished run of another config (digest {finished.digest()}; "
                     f"this one is {config.digest()}): give another --out, or --force to "
                     "replace it")
     resume = state_path if state_path.exists() and not force else None

@@ -68,6 +68,13 @@ def chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def _sqlite_result(error: BaseException) -> int | None:
+    """The primary result code of a sqlite3 error (an extended code keeps it in its low byte);
+    None for any other error, and on Python < 3.11, whose sqlite3 errors carry no code."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def transient_cause(exc: BaseException) -> str | None:
     """NOT_APPLIED or UNKNOWN for a transient database error in `exc`'s chain, else None."""
     from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -75,8 +82,7 @@ def transient_cause(exc: BaseException) -> str | None:
     for error in chain(exc):
         if isinstance(error, PoolTimeout):  # no connection was handed out: nothing ran
             return NOT_APPLIED
-        sqlite_code = getattr(error, "sqlite_errorcode", None)
-        if isinstance(sqlite_code, int) and sqlite_code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED):
+        if _sqlite_result(error) in (SQLITE_BUSY, SQLITE_LOCKED):
             return NOT_APPLIED
         sqlstate = getattr(error, "sqlstate", None)  # psycopg's errors
         if sqlstate in NOT_APPLIED_SQLSTATES:
@@ -89,8 +95,7 @@ def transient_cause(exc: BaseException) -> str | None:
 def refuse_unreadable(path: Path, exc: BaseException) -> None:
     """StoreError (one line: the file, what to do) when `exc` says the embedded store at `path`
     is no database sqlite can read (SQLITE_NOTADB or SQLITE_CORRUPT); else nothing."""
-    if any(isinstance(code := getattr(e, "sqlite_errorcode", None), int)
-           and code & 0xFF in (SQLITE_NOTADB, SQLITE_CORRUPT) for e in chain(exc)):
+    if any(_sqlite_result(e) in (SQLITE_NOTADB, SQLITE_CORRUPT) for e in chain(exc)):
         raise StoreError(f"{path} is not an MLflow store sqlite can read (corrupted, or another "
                          "kind of file): move it aside, and the next launch starts a new store "
                          "there, or restore it from a backup") from None
