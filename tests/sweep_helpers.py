@@ -38,6 +38,10 @@ TINY = {
 
 
 def write_spec(path: Path, name: str, grid: dict, **fields) -> Path:
+    """A sweep file of TINY trials. One trial at a time unless `max_concurrent` says otherwise:
+    each concurrent trial is a Ray worker that imports torch, MLflow and Tune (~5 s of CPU), and
+    only the tests whose subject is trials at once (the end-to-end grid, PostgreSQL) ask for it."""
+    fields.setdefault("max_concurrent", 1)
     spec = {"name": name, "engine": {**TINY, **fields.pop("base", {})}, "grid": grid, **fields}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

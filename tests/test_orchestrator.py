@@ -44,7 +44,7 @@ def net_accuracies(run) -> list[float]:
 @pytest.mark.slow
 def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     sweep_file = write_spec(tmp_path / "grid.yaml", "grid", {"lam": [0, 0.8], "seed": [0, 1]},
-                            checkpoint_every=3)
+                            checkpoint_every=3, max_concurrent=2)
     spec = load_spec(sweep_file)
     outcome = service.launch(spec, progress=False, source=sweep_file)
 

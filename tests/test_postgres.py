@@ -64,7 +64,7 @@ def server(postgres_uri, tmp_path_factory):
 
 def test_a_sweep_through_the_postgres_server(ray_cluster, home, tmp_path, server):
     spec = load_spec(write_spec(tmp_path / "pg.yaml", "pg", {"lam": [0, 0.8]},
-                                checkpoint_every=3, tracking_uri=server))
+                                checkpoint_every=3, tracking_uri=server, max_concurrent=2))
     outcome = service.launch(spec, progress=False)
     assert outcome.status == "FINISHED" and sorted(outcome.finished) == ["lam=0", "lam=0.8"]
     assert outcome.tracking_uri == server
