@@ -24,6 +24,7 @@ keeps PostgreSQL's pool from running out behind the server, where it would come 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -36,6 +37,11 @@ from typing import Any
 DELAYS_S = (0.5, 1, 2, 4, 8, 16, 16, 16)  # about a minute in all, then the error stands
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # result codes (an extended code holds them in its low byte)
 SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
+SQLITE_READONLY, SQLITE_FULL = 8, 13
+# OSError numbers that no retry cures: the user must free space or choose another folder
+UNWRITABLE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                     errno.EROFS: "the file system is read-only",
+                     errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 # PostgreSQL SQLSTATEs of a statement that did not take effect: serialization failure, deadlock
 # (its transaction was rolled back), too many connections, cannot connect now, no connection.
 NOT_APPLIED_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P03", "08001", "08004"})
@@ -99,6 +105,24 @@ def refuse_unreadable(path: Path, exc: BaseException) -> None:
         raise StoreError(f"{path} is not an MLflow store sqlite can read (corrupted, or another "
                          "kind of file): move it aside, and the next launch starts a new store "
                          "there, or restore it from a backup") from None
+
+
+def refuse_unwritable(exc: BaseException, store: str) -> None:
+    """StoreError (one line: what could not be written, why, what to do) when `exc` says a full
+    disk or a read-only or forbidden folder stopped a write of the sweep's home or of the
+    embedded `store`; else nothing."""
+    for error in chain(exc):
+        if isinstance(error, OSError) and error.errno in UNWRITABLE_ERRNOS:
+            what, why = error.filename or store, UNWRITABLE_ERRNOS[error.errno]
+        elif _sqlite_result(error) in (SQLITE_READONLY, SQLITE_FULL):
+            what = store
+            why = UNWRITABLE_ERRNOS[errno.ENOSPC if _sqlite_result(error) == SQLITE_FULL
+                                    else errno.EROFS]
+        else:
+            continue
+        raise StoreError(f"cannot write {what}: {why}; free space, or point $MIM4DD_HOME (or "
+                         "--tracking-uri) at a writable place, and run it again (a launch resumes)"
+                         ) from None
 
 
 def unreachable(exc: BaseException) -> bool:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from rich.console import Console
 
 from mim4dd.bases import plugin_modules
 from orchestrator import (
-    aggregate, cross_arch, experts, lineage, preflight, queries, tracking, ui_view,
+    aggregate, cross_arch, experts, lineage, preflight, queries, retrying, tracking, ui_view,
 )
 from orchestrator.board import Board
 from orchestrator.expand import Trial
@@ -77,11 +79,21 @@ def launch(
     if dry_run:  # nothing started, nothing logged
         return SweepOutcome(spec.name, "DRY_RUN", len(trials), table=trial_table(spec),
                             buffers=experts.describe(trials))
-    with sweep_lock(spec.name, tracking.home()):
+    with _writable_home(spec), sweep_lock(spec.name, tracking.home()):
         if not _cluster_address(spec):  # the trials run here: check against this machine
             preflight.check_local_resources(spec.resources, trials)
             preflight.check_data(trials)
         return _launch(spec, trials, progress, console, source)
+
+
+@contextmanager
+def _writable_home(spec: SweepSpec) -> Iterator[None]:
+    """A full disk or a read-only home (or store) is one StoreError line, not pages."""
+    try:
+        yield
+    except Exception as exc:
+        retrying.refuse_unwritable(exc, tracking.resolve_tracking_uri(spec.tracking_uri))
+        raise
 
 
 def _cluster_address(spec: SweepSpec) -> str | None:
@@ -162,11 +174,12 @@ def prepare_experts(spec: SweepSpec, console: Console | None = None) -> list[exp
     if not trials:
         return []
     uri = tracking.resolve_tracking_uri(spec.tracking_uri)
-    client = tracking.connect(uri)
-    experiment_id = tracking.ensure_experiment(client, spec.experiment_name, uri)
-    with sweep_lock(spec.name, tracking.home()), ray_session(spec.ray_address):
-        return experts.prepare(spec, trials, console,
-                               _buffer_logger(client, experiment_id, spec.name))
+    with _writable_home(spec), sweep_lock(spec.name, tracking.home()):
+        client = tracking.connect(uri)
+        experiment_id = tracking.ensure_experiment(client, spec.experiment_name, uri)
+        with ray_session(spec.ray_address):
+            return experts.prepare(spec, trials, console,
+                                   _buffer_logger(client, experiment_id, spec.name))
 
 
 def _buffer_logger(client: Any, experiment_id: str, sweep: str) -> Any:
