@@ -173,6 +173,9 @@ def run_tune(
             callbacks=[BoardFeed(), PendingWatch(spec.pending_timeout_s)],
         ),
     )
+    # Tune's stop message names Tuner.restore, which this service never uses; the launch's own
+    # summary says what to do instead ("run the same command again").
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     with showing(board):
         results = tuner.fit()
     errors = {r.config["trial"]: _short(r.error) for r in results if r.error}

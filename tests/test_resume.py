@@ -93,7 +93,11 @@ def test_sigterm_stops_like_ctrl_c(ray_cluster, home, tmp_path, monkeypatch):
                              capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 1 and "no launch of sweep 'term' is running" in nothing.stderr
     client, parent, children = sweep_runs(tracking.resolve_tracking_uri(), "term")
-    assert parent.info.status == "KILLED", (tmp_path / "term.log").read_text()
+    log = (tmp_path / "term.log").read_text()
+    assert parent.info.status == "KILLED", log
+    # The launch's own summary and hint, and no stack dump or Tune advice (Tuner.restore)
+    assert "term: KILLED; 0/1 finished" in log and "run the same command again" in log, log
+    assert "Traceback" not in log and "Tuner.restore" not in log, log
     assert [r.info.status for r in children] == ["KILLED"]  # nothing left RUNNING
 
     # Tune's own state is never restored (it would unpickle it): a broken one blocks nothing.
