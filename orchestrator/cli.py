@@ -203,10 +203,10 @@ def status(
         report = sweep_status(name, tracking_uri)
     except LookupError as exc:
         raise _fail(str(exc)) from None
-    out.print(f"[bold]{escape(name)}[/] ({report.run_status}): "
-              f"{report.count('FINISHED')}/{report.total} done, {report.count('RUNNING')} "
-              f"running, {report.count('KILLED')} interrupted, {report.count('FAILED')} "
-              f"failed, {report.pending} not started")
+    counts = (f"{report.count('FINISHED')}/{report.total} done, {report.count('RUNNING')} running, "
+              f"{report.count('KILLED', 'INTERRUPTED')} interrupted, {report.count('FAILED')} failed")
+    out.print(f"[bold]{escape(name)}[/] ({report.run_status}): {counts}, "
+              f"{report.pending} not started")
     rows = [{
         "trial": t["key"], "status": t["status"],
         "progress": f"{t['iteration']}/{t['iterations']}",

@@ -27,7 +27,11 @@ from mlflow.entities import Run
 from mim4dd.evaluate import TEST_ACC_MEAN
 from orchestrator import aggregate, cross_arch, retrying, tracking, ui_view
 from orchestrator.expand import Trial
+from orchestrator.locks import running_launch
 
+# What `status` shows for a sweep the embedded store says is RUNNING while no launch of it runs,
+# and for its RUNNING trials: killed, or stopped where it could not write its end (a full disk)
+INTERRUPTED = "INTERRUPTED"
 TRIALS_ARTIFACT = "trials.json"  # on the parent run: {trial key: config digest} of the spec
 
 
@@ -79,8 +83,8 @@ class SweepStatus:
     total: int
     trials: list[dict[str, Any]]  # key, status, iteration, iterations, test_acc_pct, failure
 
-    def count(self, status: str) -> int:
-        return sum(1 for t in self.trials if t["status"] == status)
+    def count(self, *statuses: str) -> int:
+        return sum(1 for t in self.trials if t["status"] in statuses)
 
     @property
     def pending(self) -> int:
@@ -96,8 +100,7 @@ def _reaching(uri: str) -> Iterator[None]:
     except Exception as exc:
         if not retrying.unreachable(exc):
             raise
-        raise LookupError(f"cannot reach the tracking server at {uri}: is it running, and is "
-                          "the address right (--tracking-uri, MLFLOW_TRACKING_URI)?") from None
+        raise LookupError(retrying.unreachable_message(uri)) from None
 
 
 def open_sweep(name: str, tracking_uri: str | None) -> tuple[Any, Any]:
@@ -152,7 +155,23 @@ def sweep_status(name: str, tracking_uri: str | None = None) -> SweepStatus:
             "failure": run.data.tags.get(tracking.TAG_FAILURE, ""),
         })
     total = int(parent.data.tags.get(tracking.TAG_TOTAL, len(trials)))
-    return SweepStatus(name, parent.info.status, total, trials)
+    run_status = parent.info.status
+    if run_status == "RUNNING" and _interrupted(name, tracking_uri):
+        run_status = INTERRUPTED
+        for trial in trials:
+            trial["status"] = INTERRUPTED if trial["status"] == "RUNNING" else trial["status"]
+    return SweepStatus(name, run_status, total, trials)
+
+
+def _interrupted(name: str, tracking_uri: str | None) -> bool:
+    """Whether a sweep the embedded store shows RUNNING has no launch running (it was killed,
+    or could not write its end): its lock is in this home. A server's sweep may run anywhere."""
+    if not tracking.is_embedded(tracking.resolve_tracking_uri(tracking_uri)):
+        return False
+    try:
+        return running_launch(name, tracking.home()) is None
+    except OSError:  # a home this user cannot write: cannot tell
+        return False
 
 
 @dataclass

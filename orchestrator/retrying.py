@@ -28,9 +28,10 @@ import errno
 import logging
 import os
 import random
+import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ REPEATABLE = frozenset({
 IMPATIENT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "4",
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
+# How long a launch waits for a tracking server that does not answer, saying so every few seconds
+SERVER_WAIT_ENV, SERVER_WAIT_S, SAY_EVERY_S = "MIM4DD_SERVER_WAIT_S", 120.0, 5.0
+
 retried: Counter[str] = Counter()  # method -> retries in this process (benchmarks read it)
 _impatient = False  # set by `impatient_http`
 _log = logging.getLogger(__name__)
@@ -74,11 +78,25 @@ def chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+# SQLite's own message for each result code above (sqlite3_errstr): the whole message of a
+# sqlite3 error that carries no code (Python < 3.11) names its code; a part of one never does.
+SQLITE_MESSAGES = {"database is locked": SQLITE_BUSY, "database table is locked": SQLITE_LOCKED,
+                   "database disk image is malformed": SQLITE_CORRUPT,
+                   "file is not a database": SQLITE_NOTADB,
+                   "attempt to write a readonly database": SQLITE_READONLY,
+                   "database or disk is full": SQLITE_FULL}
+
+
 def _sqlite_result(error: BaseException) -> int | None:
     """The primary result code of a sqlite3 error (an extended code keeps it in its low byte);
-    None for any other error, and on Python < 3.11, whose sqlite3 errors carry no code."""
+    None for any other error. Python < 3.11 gives sqlite3 errors no code: there the error's
+    whole message is matched against SQLite's own text for the codes this module acts on."""
     code = getattr(error, "sqlite_errorcode", None)
-    return code & 0xFF if isinstance(code, int) else None
+    if isinstance(code, int):
+        return code & 0xFF
+    if isinstance(error, sqlite3.Error) and len(error.args) == 1:
+        return SQLITE_MESSAGES.get(str(error.args[0]))
+    return None
 
 
 def transient_cause(exc: BaseException) -> str | None:
@@ -131,6 +149,41 @@ def unreachable(exc: BaseException) -> bool:
     import requests
 
     return any(isinstance(e, (requests.ConnectionError, requests.Timeout)) for e in chain(exc))
+
+
+def unreachable_message(uri: str) -> str:
+    return (f"cannot reach the tracking server at {uri}: is it running, and is the address right "
+            "(--tracking-uri, MLFLOW_TRACKING_URI)?")
+
+
+def await_server(uri: str, say: Callable[[str], Any]) -> None:
+    """Return once the tracking server at `uri` (http or https; any other store returns at once)
+    answers, saying every few seconds that it is waited for; StoreError after
+    $MIM4DD_SERVER_WAIT_S seconds (default 120). A launch calls this before its first write, so
+    it never sits silent in MLflow's own retries (minutes a call)."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    patience = float(os.environ.get(SERVER_WAIT_ENV, SERVER_WAIT_S))
+    started = next_say = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=4):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers; what its calls say is for them to tell
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+        now = time.monotonic()
+        if now - started >= patience:
+            raise StoreError(f"{unreachable_message(uri)} (waited {now - started:.0f} s: {reason})")
+        if now >= next_say:
+            say(f"waiting for the tracking server at {uri} ({now - started:.0f} of "
+                f"{patience:.0f} s; {SERVER_WAIT_ENV} sets how long): {reason}")
+            next_say = now + SAY_EVERY_S
+        time.sleep(min(1.0, max(0.0, patience - (now - started))))
 
 
 def impatient_http() -> None:

@@ -105,6 +105,8 @@ def _launch(
     source: Path | None,
 ) -> SweepOutcome:
     uri = tracking.resolve_tracking_uri(spec.tracking_uri)
+    console = console or Console(stderr=True)
+    _await_server(uri, console)
     client = tracking.connect(uri)
     experiment_id = tracking.ensure_experiment(client, spec.experiment_name, uri)
     ui_view.save(client, experiment_id, spec.name, lineage.axes(spec))
@@ -127,7 +129,6 @@ def _launch(
             context = LaunchContext(spec.name, uri, parent_id, spec.checkpoint_every,
                                     spec.resources.cpu, tuple(plugin_modules()), source_tags,
                                     random_baseline=spec.random_baseline)
-            console = console or Console(stderr=True)
             if _cluster_address(spec) and tracking.is_embedded(uri):
                 console.print(f"[yellow]warning:[/] trials on other machines cannot reach {uri}; "
                               "give a tracking server with --tracking-uri", highlight=False)
@@ -175,11 +176,17 @@ def prepare_experts(spec: SweepSpec, console: Console | None = None) -> list[exp
         return []
     uri = tracking.resolve_tracking_uri(spec.tracking_uri)
     with _writable_home(spec), sweep_lock(spec.name, tracking.home()):
+        _await_server(uri, console or Console(stderr=True))
         client = tracking.connect(uri)
         experiment_id = tracking.ensure_experiment(client, spec.experiment_name, uri)
         with ray_session(spec.ray_address):
             return experts.prepare(spec, trials, console,
                                    _buffer_logger(client, experiment_id, spec.name))
+
+
+def _await_server(uri: str, console: Console) -> None:
+    retrying.await_server(
+        uri, lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
 
 
 def _buffer_logger(client: Any, experiment_id: str, sweep: str) -> Any:

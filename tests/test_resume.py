@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
@@ -28,6 +29,7 @@ from processes import HAS_PROC, kill_session  # noqa: E402
 
 from mim4dd.synset import SyntheticSet  # noqa: E402
 from orchestrator import queries, service, tracking, tune_run  # noqa: E402
+from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from sweep_helpers import (  # noqa: E402
     ROOT, Gate, checkpoints, cli, launch_to_gate, relaunch, sweep_runs, wait_for,
@@ -81,6 +83,8 @@ def test_sigterm_stops_like_ctrl_c(ray_cluster, home, tmp_path, monkeypatch):
     driver, gate = launch_to_gate(tmp_path, home, "term")
     env = gate.env(home)
     try:
+        shown = CliRunner().invoke(app, ["status", "term"])  # the launch holds the sweep's lock
+        assert "term (RUNNING): 0/1 done, 1 running, 0 interrupted" in shown.output, shown.output
         # From another terminal: SIGTERM to the launch, what `timeout` and schedulers send too.
         stopped = subprocess.run(cli("stop", "term"), cwd=ROOT, env=env,
                                  capture_output=True, text=True, timeout=120)
@@ -163,6 +167,11 @@ def killed(killed_once, ray_cluster, tmp_path, monkeypatch) -> Killed:
 
 
 def test_a_deleted_checkpoint_does_not_block_the_sweep(killed):
+    # The store still says RUNNING, but no launch holds the sweep's lock: status says so.
+    shown = CliRunner().invoke(app, ["status", "killed"])
+    assert shown.exit_code == 0, shown.output
+    assert "killed (INTERRUPTED): 0/1 done, 0 running, 1 interrupted" in shown.output
+    assert "seed=0 │ INTERRUPTED" in shown.output
     for checkpoint in checkpoints(killed.home, "killed"):
         shutil.rmtree(checkpoint)
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import sqlalchemy
 from mlflow.exceptions import MlflowException
-from sweep_helpers import ROOT, cli, cli_env, free_port
+from sweep_helpers import ROOT, cli, cli_env, free_port, write_spec
 from typer.testing import CliRunner
 
-from orchestrator import retrying
+from orchestrator import retrying, tracking
 from orchestrator.cli import app
 from orchestrator.retrying import NOT_APPLIED, UNKNOWN, RetryingClient, transient_cause
 
@@ -104,6 +106,19 @@ def test_a_locked_sqlite_store_is_waited_out_for_every_call(tmp_path):
     assert store.calls == ["create_run"] * 3 + ["log_batch"] * 2
 
 
+def test_without_sqlite_codes_the_whole_sqlite_message_decides(tmp_path):
+    # Python 3.10's sqlite3 errors carry no code: SQLite's whole message stands for it, and a
+    # message that merely contains it is no locked store.
+    bare = sqlite3.OperationalError("database is locked")  # made here: no sqlite_errorcode
+    assert getattr(bare, "sqlite_errorcode", None) is None
+    assert transient_cause(as_mlflow_raises(bare)) == NOT_APPLIED
+    assert transient_cause(as_mlflow_raises(
+        sqlite3.OperationalError("no such table: database is locked"))) is None
+    assert transient_cause(as_mlflow_raises(MlflowException("database is locked"))) is None
+    with pytest.raises(retrying.StoreError, match="the disk is full"):
+        retrying.refuse_unwritable(sqlite3.OperationalError("database or disk is full"), "store")
+
+
 def test_postgres_serialization_failures_are_retried():
     assert transient_cause(as_mlflow_raises(serialization_failure())) == NOT_APPLIED
 
@@ -169,3 +184,51 @@ def test_read_commands_give_one_line_when_the_server_is_unreachable(tmp_path):
             f"cannot reach the tracking server at {url}: is it running, and is the address "
             "right (--tracking-uri, MLFLOW_TRACKING_URI)?"), done.stderr
         assert took < 20, f"{command[0]} took {took:.1f} s"  # was many minutes
+
+
+def test_a_launch_waits_for_an_unreachable_server_saying_so_then_stops_with_one_line(
+        tmp_path, monkeypatch):
+    # Before: MLflow's own retries, silent for about 4 minutes a call, then a traceback.
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv(retrying.SERVER_WAIT_ENV, "6")
+    monkeypatch.setenv(tracking.HOME_ENV, str(tmp_path / "home"))
+    spec = write_spec(tmp_path / "away.yaml", "away", {"lam": [0]})
+    result = CliRunner().invoke(app, ["launch", str(spec), "--tracking-uri", url])
+    assert result.exit_code == 1, result.output
+    *waiting, last = result.output.strip().splitlines()
+    assert len(waiting) == 2, result.output  # at once, then 5 s later
+    assert all(line.startswith(f"waiting for the tracking server at {url} (") for line in waiting)
+    assert last.startswith(f"not launched: {retrying.unreachable_message(url)} (waited 6 s"), last
+    assert not (tmp_path / "home" / "mlflow.db").exists()  # nothing was written anywhere
+
+
+def test_a_server_that_comes_up_while_waited_for_is_used(monkeypatch):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    said: list[str] = []
+    servers: list[ThreadingHTTPServer] = []
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    def say(line: str) -> None:  # the first "waiting" line starts the server
+        said.append(line)
+        if not servers:
+            servers.append(ThreadingHTTPServer(("127.0.0.1", port), Health))
+            threading.Thread(target=servers[0].serve_forever, daemon=True).start()
+
+    monkeypatch.setenv(retrying.SERVER_WAIT_ENV, "60")
+    try:
+        retrying.await_server(url, say)
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert len(said) == 1 and "waiting for the tracking server" in said[0]
+    retrying.await_server("sqlite:///nowhere/mlflow.db", say)  # a database store: no wait
+    assert len(said) == 1
