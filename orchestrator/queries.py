@@ -130,9 +130,11 @@ def list_sweeps(tracking_uri: str | None = None) -> list[dict[str, Any]]:
         tags = run.data.tags
         finished, total = (tags.get(t, "?") for t in (tracking.TAG_FINISHED, tracking.TAG_TOTAL))
         started = time.localtime(run.info.start_time / 1000)
+        name = tags.get(tracking.TAG_SWEEP, run.info.run_name)
         rows.append({
-            "sweep": tags.get(tracking.TAG_SWEEP, run.info.run_name),
-            "status": run.info.status,
+            "sweep": name,
+            "status": INTERRUPTED if run.info.status == "RUNNING" and _interrupted(name, uri)
+            else run.info.status,
             "finished": f"{finished}/{total}",
             "failed": tags.get(tracking.TAG_FAILED, "?"),
             "started": time.strftime("%Y-%m-%d %H:%M", started),

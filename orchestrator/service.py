@@ -55,6 +55,8 @@ class SweepOutcome:
     failed: dict[str, str] = field(default_factory=dict)  # key -> reason
     unfinished: list[str] = field(default_factory=list)
     resumed: int = 0  # trials that continue from a checkpoint an earlier launch left
+    # finished before under other settings, so run again; the earlier runs stay, unreported
+    changed: list[str] = field(default_factory=list)
     summary: pd.DataFrame | None = None
     table: list[dict[str, Any]] = field(default_factory=list)  # dry run rows
     buffers: list[dict[str, Any]] = field(default_factory=list)  # dry run: expert buffers
@@ -62,9 +64,11 @@ class SweepOutcome:
     def counts(self) -> str:
         """The launch in one line: its status and what became of its trials."""
         resumed = f"; {self.resumed} resumed from checkpoints" if self.resumed else ""
+        changed = (f"; {len(self.changed)} run again with changed settings (their earlier "
+                   "results stay in the store, not reported)") if self.changed else ""
         return (f"{self.status}; {len(self.finished)}/{self.total} finished ({len(self.skipped)} "
                 f"before this launch), {len(self.failed)} failed, {len(self.unfinished)} "
-                f"unfinished{resumed}")
+                f"unfinished{resumed}{changed}")
 
 
 def launch(
@@ -121,8 +125,11 @@ def _launch(
     try:
         _log_spec(client, parent_id, spec, source)
         queries.record_trials(client, parent_id, trials)
-        done = tracking.finished_trial_keys(client, parent, digests)
+        runs = tracking.child_runs(client, parent)
+        done = set(tracking.runs_by_key(runs, digests, "FINISHED"))
         outcome.skipped = [t.key for t in trials if t.key in done]
+        outcome.changed = sorted(set(tracking.latest_per_key(runs, "FINISHED")) & set(digests)
+                                 - done)
         remaining = [t for t in trials if t.key not in done]
         tune_errors: dict[str, str] = {}
         if remaining:

@@ -213,13 +213,6 @@ def latest_per_key(runs: Iterable[Run], status: str | None = "FINISHED") -> dict
     return chosen
 
 
-def finished_trial_keys(
-    client: MlflowClient, parent: Run, digests: Mapping[str, str] | None = None
-) -> set[str]:
-    """Trial keys with a FINISHED child run; with `digests`, only where the config matches."""
-    return set(runs_by_key(child_runs(client, parent), digests, status="FINISHED"))
-
-
 def runs_by_key(
     runs: Iterable[Run], digests: Mapping[str, str] | None, status: str | None
 ) -> dict[str, Run]:
@@ -339,7 +332,6 @@ __all__ = [
     "end_run",
     "ensure_experiment",
     "find_sweep_run",
-    "finished_trial_keys",
     "home",
     "log_expert_buffer",
     "log_table",

@@ -370,6 +370,8 @@ def test_report_and_status_show_only_the_current_config(ray_cluster, home, tmp_p
     write_spec(path, "changed", {"lam": [0]}, retries=0, base={"lr_img": 1e30})
     second = service.launch(load_spec(path), progress=False)
     assert list(second.failed) == ["lam=0"] and not second.finished
+    assert second.changed == ["lam=0"]  # said, not silent: the old run is kept, unreported
+    assert "1 run again with changed settings" in second.counts()
 
     # The old config's finished run is still in MLflow, but no view counts it any more.
     assert len(sweep_runs(tracking.resolve_tracking_uri(), "changed")[2]) == 2

@@ -172,6 +172,7 @@ def test_a_deleted_checkpoint_does_not_block_the_sweep(killed):
     assert shown.exit_code == 0, shown.output
     assert "killed (INTERRUPTED): 0/1 done, 0 running, 1 interrupted" in shown.output
     assert "seed=0 │ INTERRUPTED" in shown.output
+    assert [row["status"] for row in queries.list_sweeps()] == ["INTERRUPTED"]
     for checkpoint in checkpoints(killed.home, "killed"):
         shutil.rmtree(checkpoint)
 
