@@ -163,3 +163,14 @@ def first_batch_loss_and_base(distiller):
     loss, metrics = distiller.loss(distiller.batch(0))
     (grad,) = torch.autograd.grad(loss, distiller.images)
     return loss, base, grad, base_grad, metrics
+
+
+def pytest_collection_modifyitems(items):
+    """Files with the most slow tests first: pytest-xdist hands whole files to its two processes
+    in this order, so the longest ones start early instead of running alone at the end."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow.setdefault(item.fspath.strpath, 0)
+        if item.get_closest_marker("slow") or item.get_closest_marker("cluster"):
+            slow[item.fspath.strpath] += 1
+    items.sort(key=lambda item: -slow[item.fspath.strpath])  # stable: file order kept within
