@@ -91,8 +91,8 @@ def launch(
         outcome = run_sweep(spec, dry_run=dry_run, progress=True, console=err, source=spec_file)
     except ExpertStageError as exc:
         raise _fail(f"expert stage failed; no trial was started:\n{exc}") from None
-    except (SweepLockedError, StoreError) as exc:
-        raise _fail(f"not launched: {exc}") from None
+    except (SweepLockedError, StoreError) as exc:  # a store error may come mid-launch: as is
+        raise _fail(str(exc) if isinstance(exc, StoreError) else f"not launched: {exc}") from None
     except PreflightError as exc:
         raise _fail(f"not launched; nothing was started:\n{exc}", 2) from None
     except PendingTimeoutError as exc:
@@ -203,10 +203,7 @@ def status(
         report = sweep_status(name, tracking_uri)
     except LookupError as exc:
         raise _fail(str(exc)) from None
-    counts = (f"{report.count('FINISHED')}/{report.total} done, {report.count('RUNNING')} running, "
-              f"{report.count('KILLED', 'INTERRUPTED')} interrupted, {report.count('FAILED')} failed")
-    out.print(f"[bold]{escape(name)}[/] ({report.run_status}): {counts}, "
-              f"{report.pending} not started")
+    out.print(f"[bold]{escape(name)}[/] ({report.run_status}): {escape(report.counts())}")
     rows = [{
         "trial": t["key"], "status": t["status"],
         "progress": f"{t['iteration']}/{t['iterations']}",

@@ -90,6 +90,13 @@ class SweepStatus:
     def pending(self) -> int:
         return max(0, self.total - len(self.trials))
 
+    def counts(self) -> str:
+        """The trials in one line, as `status` prints it."""
+        n = self.count
+        return (f"{n('FINISHED')}/{self.total} done, {n('RUNNING')} running, "
+                f"{n('KILLED', INTERRUPTED)} interrupted, {n('FAILED')} failed, "
+                f"{self.pending} not started")
+
 
 @contextmanager
 def _reaching(uri: str) -> Iterator[None]:

@@ -17,6 +17,7 @@ artifacts (`--serve-artifacts`), which is what remote Ray workers need.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -109,6 +110,9 @@ def artifact_root(uri: str) -> str | None:
 def connect(uri: str) -> MlflowClient:
     """A client of the store at `uri` whose calls ride out transient store errors; a store that
     cannot be used is one StoreError line (`retrying`: probe_database, refuse_unreadable)."""
+    # MLflow logs each database error with its traceback before raising it; the exception reaches
+    # the caller anyway (RetryingClient retries it, or it stands), so the log is only noise.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     path = _sqlite_path(uri)
     if uri.startswith(("postgresql", "postgres:")):
         probe_database(uri)

@@ -58,7 +58,7 @@ def test_a_read_only_home_is_read_and_a_launch_is_one_line(small_disk, template_
     assert listed.exit_code == 0, listed.output
     assert "no sweep named 'ro'" in _one_line(CliRunner().invoke(app, ["status", "ro"]))
     line = _one_line(CliRunner().invoke(app, ["launch", str(spec)]))
-    assert line.startswith(f"not launched: cannot write {home}"), line
+    assert line.startswith(f"cannot write {home}"), line
     assert "the file system is read-only" in line and "run it again" in line
     mtt = write_spec(tmp_path / "mtt.yaml", "mtt", {"lam": [0]}, base={"base": "mtt"})
     line = _one_line(CliRunner().invoke(app, ["experts", str(mtt)]))
@@ -76,7 +76,7 @@ def test_a_full_disk_stops_a_launch_with_one_line(small_disk, template_db, tmp_p
             filler.flush()
 
     line = _one_line(CliRunner().invoke(app, ["launch", str(spec)]))
-    assert line.startswith("not launched: cannot write "), line
+    assert line.startswith("cannot write "), line
     assert str(home) in line and "the disk is full" in line and "run it again" in line
     (small_disk / "filler").unlink()  # space again: the same launch now starts (dry run)
     assert CliRunner().invoke(app, ["launch", str(spec), "--dry-run"]).exit_code == 0
