@@ -10,8 +10,10 @@ import sys
 
 import pytest
 
-# Allocate and free 256 MB step after step; print the page faults of a step once the heap is
-# warm (torch's aligned allocations leave gaps that glibc fills over the first few steps).
+# Allocate and free 256 MB step after step; print the fewest page faults of three steps once
+# the heap is warm (torch's aligned allocations leave gaps that glibc fills over the first few
+# steps). The fewest: the kernel may take memory back behind the process (this machine runs
+# DAMON's proactive pageout); one full run in eight saw one step fault all its 65,536 pages.
 SCRIPT = """
 import json, resource, torch
 from mim4dd.memory import keep_freed_memory
@@ -21,10 +23,12 @@ def step():
     del activations
 for _ in range(10):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step()
-print(json.dumps({"applied": applied,
-                  "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": min(faults)}))
 """
 
 
