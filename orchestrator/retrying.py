@@ -39,10 +39,10 @@ DELAYS_S = (0.5, 1, 2, 4, 8, 16, 16, 16)  # about a minute in all, then the erro
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # result codes (an extended code holds them in its low byte)
 SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
 SQLITE_READONLY, SQLITE_FULL = 8, 13
-# OSError numbers that no retry cures: the user must free space or choose another folder
+# OSError numbers of a write no retry cures: the user must free space or choose another folder
+# (not EACCES: a launch also reads data, and "cannot write" would mislead there)
 UNWRITABLE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                     errno.EROFS: "the file system is read-only",
-                     errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+                     errno.EROFS: "the file system is read-only"}
 # PostgreSQL SQLSTATEs of a statement that did not take effect: serialization failure, deadlock
 # (its transaction was rolled back), too many connections, cannot connect now, no connection.
 NOT_APPLIED_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P03", "08001", "08004"})
@@ -127,8 +127,8 @@ def refuse_unreadable(path: Path, exc: BaseException) -> None:
 
 def refuse_unwritable(exc: BaseException, store: str) -> None:
     """StoreError (one line: what could not be written, why, what to do) when `exc` says a full
-    disk or a read-only or forbidden folder stopped a write of the sweep's home or of the
-    embedded `store`; else nothing."""
+    disk or a read-only file system stopped a write of the sweep's home or of the embedded
+    `store`; else nothing."""
     for error in chain(exc):
         if isinstance(error, OSError) and error.errno in UNWRITABLE_ERRNOS:
             what, why = error.filename or store, UNWRITABLE_ERRNOS[error.errno]
