@@ -85,7 +85,7 @@ def finished_config(directory: str | Path) -> Config | None:
 def finished_in(directory: str | Path, config: Config) -> bool:
     """True when `directory` holds the results of a run of exactly this config."""
     saved = finished_config(directory)
-    return saved is not None and saved.model_dump(mode="json") == config.model_dump(mode="json")
+    return saved is not None and saved.digest() == config.digest()
 
 
 def load_data(config: Config) -> RealData:
@@ -178,6 +178,6 @@ def run_experiment(
     return ExperimentResult(synset, evaluation)
 
 
-__all__ = ["RESULTS_FILE", "STATE_FILE", "ExperimentCallback", "ExperimentResult", "finished_config",
-           "evaluate_random_baseline", "evaluate_synset", "evaluator_for", "finished_in",
-           "load_data", "random_real_subset", "run_experiment"]
+__all__ = ["RESULTS_FILE", "STATE_FILE", "ExperimentCallback", "ExperimentResult",
+           "evaluate_random_baseline", "evaluate_synset", "evaluator_for", "finished_config",
+           "finished_in", "load_data", "random_real_subset", "run_experiment"]

@@ -140,8 +140,7 @@ def list_sweeps(tracking_uri: str | None = None) -> list[dict[str, Any]]:
         name = tags.get(tracking.TAG_SWEEP, run.info.run_name)
         rows.append({
             "sweep": name,
-            "status": INTERRUPTED if run.info.status == "RUNNING" and _interrupted(name, uri)
-            else run.info.status,
+            "status": _shown_status(run.info.status, name, uri),
             "finished": f"{finished}/{total}",
             "failed": tags.get(tracking.TAG_FAILED, "?"),
             "started": time.strftime("%Y-%m-%d %H:%M", started),
@@ -164,23 +163,23 @@ def sweep_status(name: str, tracking_uri: str | None = None) -> SweepStatus:
             "failure": run.data.tags.get(tracking.TAG_FAILURE, ""),
         })
     total = int(parent.data.tags.get(tracking.TAG_TOTAL, len(trials)))
-    run_status = parent.info.status
-    if run_status == "RUNNING" and _interrupted(name, tracking_uri):
-        run_status = INTERRUPTED
+    run_status = _shown_status(parent.info.status, name, tracking_uri)
+    if run_status == INTERRUPTED:  # so are the trials it shows running
         for trial in trials:
             trial["status"] = INTERRUPTED if trial["status"] == "RUNNING" else trial["status"]
     return SweepStatus(name, run_status, total, trials)
 
 
-def _interrupted(name: str, tracking_uri: str | None) -> bool:
-    """Whether a sweep the embedded store shows RUNNING has no launch running (it was killed,
-    or could not write its end): its lock is in this home. A server's sweep may run anywhere."""
-    if not tracking.is_embedded(tracking.resolve_tracking_uri(tracking_uri)):
-        return False
+def _shown_status(status: str, name: str, tracking_uri: str | None) -> str:
+    """A sweep's stored status, but INTERRUPTED where the embedded store says RUNNING and no
+    launch of it runs (killed, or it could not write its end): its lock is in this home. A
+    server's sweep may run anywhere, so it is shown as stored."""
+    if status != "RUNNING" or not tracking.is_embedded(tracking.resolve_tracking_uri(tracking_uri)):
+        return status
     try:
-        return running_launch(name, tracking.home()) is None
+        return status if running_launch(name, tracking.home()) else INTERRUPTED
     except OSError:  # a home this user cannot write: cannot tell
-        return False
+        return status
 
 
 @dataclass

@@ -5,7 +5,7 @@ from its text (a run id or a path may contain "503" or "timed out"):
 
 * Over HTTP, MLflow's own client retries what the transport reports: refused or reset
   connections, timeouts, and HTTP 429/500/502/503/504, with backoff. How long it keeps at it is
-  `http_patience`: a read command (`status`, `report`, `list`, `pull`) gives up within about
+  `impatient_http`: a read command (`status`, `report`, `list`, `pull`) gives up within about
   ten seconds with one line; a launch and its trials wait minutes, as MLflow does by default.
 * `RetryingClient` retries what a database store raises in this process (an embedded sqlite
   store, or a ``postgresql://`` tracking URI), found in the exception's chain:
@@ -43,6 +43,8 @@ SQLITE_READONLY, SQLITE_FULL = 8, 13
 # (not EACCES: a launch also reads data, and "cannot write" would mislead there)
 UNWRITABLE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                      errno.EROFS: "the file system is read-only"}
+UNWRITABLE_SQLITE = {SQLITE_FULL: UNWRITABLE_ERRNOS[errno.ENOSPC],
+                     SQLITE_READONLY: UNWRITABLE_ERRNOS[errno.EROFS]}
 # PostgreSQL SQLSTATEs of a statement that did not take effect: serialization failure, deadlock
 # (its transaction was rolled back), too many connections, cannot connect now, no connection.
 NOT_APPLIED_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P03", "08001", "08004"})
@@ -132,10 +134,8 @@ def refuse_unwritable(exc: BaseException, store: str) -> None:
     for error in chain(exc):
         if isinstance(error, OSError) and error.errno in UNWRITABLE_ERRNOS:
             what, why = error.filename or store, UNWRITABLE_ERRNOS[error.errno]
-        elif _sqlite_result(error) in (SQLITE_READONLY, SQLITE_FULL):
-            what = store
-            why = UNWRITABLE_ERRNOS[errno.ENOSPC if _sqlite_result(error) == SQLITE_FULL
-                                    else errno.EROFS]
+        elif (code := _sqlite_result(error)) in UNWRITABLE_SQLITE:
+            what, why = store, UNWRITABLE_SQLITE[code]
         else:
             continue
         raise StoreError(f"cannot write {what}: {why}; free space, or point $MIM4DD_HOME (or "
@@ -253,6 +253,7 @@ class RetryingClient:
         return call
 
 
-__all__ = ["DELAYS_S", "IMPATIENT_HTTP", "RetryingClient", "StoreError", "chain",
-           "impatient_http", "probe_database", "refuse_unreadable", "retried", "transient_cause",
-           "unreachable"]
+__all__ = ["DELAYS_S", "IMPATIENT_HTTP", "SERVER_WAIT_ENV", "RetryingClient", "StoreError",
+           "await_server", "chain", "impatient_http", "probe_database", "refuse_unreadable",
+           "refuse_unwritable", "retried", "transient_cause", "unreachable",
+           "unreachable_message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -168,9 +169,7 @@ def first_batch_loss_and_base(distiller):
 def pytest_collection_modifyitems(items):
     """Files with the most slow tests first: pytest-xdist hands whole files to its two processes
     in this order, so the longest ones start early instead of running alone at the end."""
-    slow: dict[str, int] = {}
+    slow: Counter[Path] = Counter()
     for item in items:
-        slow.setdefault(item.fspath.strpath, 0)
-        if item.get_closest_marker("slow") or item.get_closest_marker("cluster"):
-            slow[item.fspath.strpath] += 1
-    items.sort(key=lambda item: -slow[item.fspath.strpath])  # stable: file order kept within
+        slow[item.path] += any(item.get_closest_marker(m) for m in ("slow", "cluster"))
+    items.sort(key=lambda item: -slow[item.path])  # stable: file order kept within
