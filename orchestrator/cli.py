@@ -323,6 +323,7 @@ def ui(
     """Open the MLflow UI on the embedded store (runs `mlflow ui`)."""
     from orchestrator import browser, tracking
     from orchestrator.queries import sweep_link, ui_command
+    from orchestrator.server import NO_JOBS_ENV
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     base = f"http://{host}:{port}"
@@ -340,7 +341,8 @@ def ui(
     err.print(f"MLflow UI on {base} for {uri}")
     if open_browser:
         browser.open_when_up(base, link)
-    os.execv(command[0], command)  # replace this process: Ctrl-C stops the UI directly
+    # Replace this process (Ctrl-C stops the UI directly), without MLflow's job consumers.
+    os.execve(command[0], command, {**NO_JOBS_ENV, **os.environ})
 
 
 if __name__ == "__main__":

@@ -26,6 +26,23 @@ def test_fashion_mnist_found_offline_from_debian_package(tmp_path, monkeypatch):
     assert data.class_names[0] == "T-shirt/top"
 
 
+def test_digits_are_scikit_learns_read_from_its_file():
+    """The digits are read from scikit-learn's file without importing it: the same images and
+    labels as `load_digits`, in the fixed 1,297 / 500 train / test split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    train, test, names = data_module._load_digits()
+    images = torch.cat([train.images, test.images]) * DATASETS["digits"].std[0]
+    images = images + DATASETS["digits"].mean[0]
+    expected = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
+    index = torch.cat([order[500:].sort().values, order[:500].sort().values])
+    assert (len(train), len(test), names) == (1297, 500, [str(d) for d in range(10)])
+    torch.testing.assert_close(images, expected[index])
+    assert torch.equal(torch.cat([train.labels, test.labels]), torch.tensor(bunch.target)[index])
+
+
 def test_missing_dataset_names_dataset_roots_and_fix(tmp_path):
     with pytest.raises(DatasetError) as err:
         load_dataset("CIFAR10", data_root=tmp_path, download=False)
