@@ -145,8 +145,11 @@ def test_concurrent_first_loaders_do_not_race(tmp_path):
         with gzip.open(packed[-1], "wb", compresslevel=1) as out:
             out.write(payload)
     folder = tmp_path / "cache" / "raw"
+    # Fresh processes, forked from one that has imported the engine once: spawning each would
+    # import torch eight times (~2.4 s of CPU each).
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["mim4dd.data"])
     for _round in range(2):
-        context = mp.get_context("spawn")
         barrier = context.Barrier(4)
         workers = [context.Process(target=_unpack_after, args=(barrier, packed, folder))
                    for _ in range(4)]
