@@ -26,7 +26,8 @@ import torch
 from _common import prepare, print_table, time_interleaved
 
 from mim4dd.config import Config, ModelConfig
-from mim4dd.data import DATASETS, RealData, Split, load_dataset
+from mim4dd.data import RealData, Split, load_dataset
+from mim4dd.datasets import DATASETS
 from mim4dd.distill import Distiller
 
 CIFAR10_CLASSES = [

@@ -21,8 +21,9 @@ from mim4dd.atomic import write_atomic
 from mim4dd.config import Config
 from mim4dd.data import RealData, candidate_roots
 from mim4dd.device import resolve_device
-from mim4dd.evaluate import EvalResult, NetResult, random_metric
+from mim4dd.evaluate import EvalResult, NetResult
 from mim4dd.experts import key_digest
+from mim4dd.metrics import random_metric
 
 FORMAT_VERSION = 1
 FOLDER = "baselines"

@@ -13,20 +13,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mim4dd import __version__
 from mim4dd.atomic import write_atomic
 from mim4dd.config import Config, EvalConfig
-from mim4dd.data import DatasetError
+from mim4dd.datasets import DatasetError
 from mim4dd.distill import Distiller, save_state
 from mim4dd.evaluate import EvalResult, NetEpoch, NetResult
 from mim4dd.experiment import (
-    RESULTS_FILE, STATE_FILE, ExperimentCallback, evaluate_synset, finished_config, load_data,
+    RESULTS_FILE,
+    STATE_FILE,
+    ExperimentCallback,
+    evaluate_synset,
+    finished_config,
+    load_data,
     run_experiment,
 )
 from mim4dd.loglines import LogLines
 from mim4dd.objectives import DivergenceError
 from mim4dd.settings import get_dotted, set_dotted, validation_problems
 from mim4dd.synset import SyntheticSet, SyntheticSetError
+from mim4dd.version import VersionOption
 
 app = typer.Typer(help="MIM4DD dataset distillation engine.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -34,17 +39,6 @@ app = typer.Typer(help="MIM4DD dataset distillation engine.", no_args_is_help=Tr
 # paths and messages on one line, so they stay greppable.
 results = Console(soft_wrap=True)
 console = Console(stderr=True, soft_wrap=True)
-
-
-def show_version(value: bool) -> None:
-    """`--version` of both CLIs: the installed mim4dd version, then exit."""
-    if value:
-        typer.echo(f"mim4dd {__version__}")
-        raise typer.Exit()
-
-
-VersionOption = Annotated[bool, typer.Option(
-    "--version", callback=show_version, is_eager=True, help="Print the version and exit.")]
 
 
 @app.callback()

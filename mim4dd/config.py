@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mim4dd.data import DATASETS, canonical_dataset_name
+from mim4dd.datasets import DATASETS, canonical_dataset_name
 from mim4dd.bases import base_class, base_names, unknown_base_message
 
 

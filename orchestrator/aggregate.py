@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from mim4dd.evaluate import NET_TEST_ACC, VAL_ACC_MEAN, metric_architecture
+from mim4dd.metrics import NET_TEST_ACC, VAL_ACC_MEAN, metric_architecture
 from orchestrator import paired, versus_random
 
 SEED = "seed"

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mim4dd.cli import VersionOption
+from mim4dd.version import VersionOption
 from orchestrator.locks import stop_on_sigterm
 from orchestrator.retrying import StoreError, impatient_http
 from orchestrator.spec import SpecError, SweepSpec, load_spec

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from mim4dd.zoo import ARCHITECTURES
 from orchestrator import aggregate, paired, versus_random
 
 _ARCH_NET = re.compile(r"^([a-z0-9_]+)/(test_acc_net\d+_pct)$")  # a trial frame's column
@@ -31,6 +30,10 @@ TITLE = "test accuracy % per architecture (seed-level mean ± std over seeds)"
 def architectures(frame: pd.DataFrame) -> list[str]:
     """The architectures with per-network columns in a trial frame, in the pool's order."""
     found = {m[1] for c in frame.columns if (m := _ARCH_NET.match(str(c)))}
+    if not found:
+        return []
+    from mim4dd.zoo import ARCHITECTURES  # torch: only a cross-architecture sweep pays for it
+
     pool = list(ARCHITECTURES)
     return sorted(found, key=lambda a: (pool.index(a) if a in pool else len(pool), a))
 

@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 from mlflow.entities import Run
 
-from mim4dd.evaluate import TEST_ACC_MEAN
+from mim4dd.metrics import TEST_ACC_MEAN
 from orchestrator import aggregate, cross_arch, retrying, tracking, ui_view
 from orchestrator.expand import Trial
 from orchestrator.locks import running_launch

@@ -22,10 +22,8 @@ from typing import Any
 import torch
 
 from mim4dd.config import Config
-from mim4dd.evaluate import (
-    EVAL_PREFIX, TEST_ACC_MEAN, NetResult, arch_metric, metric_architecture, net_metric,
-    network_metrics,
-)
+from mim4dd.evaluate import NetResult, network_metrics
+from mim4dd.metrics import EVAL_PREFIX, TEST_ACC_MEAN, arch_metric, metric_architecture, net_metric
 from mim4dd.experiment import evaluate_synset
 from mim4dd.synset import SyntheticSet
 from mim4dd.zoo import ARCHITECTURES, DEFAULT_ARCHITECTURE, unknown_architecture_message

@@ -36,10 +36,11 @@ from ray import tune
 from mim4dd.baseline import random_baseline, random_metrics
 from mim4dd.bases import load_plugins
 from mim4dd.config import EvalConfig
-from mim4dd.data import DatasetError
+from mim4dd.datasets import DatasetError
 from mim4dd.distill import Distiller, read_state, save_state
-from mim4dd.evaluate import EVAL_PREFIX, NetResult, network_metrics
+from mim4dd.evaluate import NetResult, network_metrics
 from mim4dd.experiment import RESULTS_FILE, STATE_FILE, ExperimentCallback, run_experiment
+from mim4dd.metrics import EVAL_PREFIX
 from mim4dd.objectives.base import DivergenceError
 from orchestrator.expand import Trial
 from orchestrator.tracking import SYNSET_PATH, TAG_ITERATION, TAG_RESUMED, connect

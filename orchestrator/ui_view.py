@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from mim4dd.evaluate import TEST_ACC_MEAN, TEST_ACC_STD
+from mim4dd.metrics import TEST_ACC_MEAN, TEST_ACC_STD
 
 TAG_PREFIX = "mlflow.sharedViewState."
 LINK_PARAM = "viewStateShareKey"

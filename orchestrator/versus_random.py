@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from mim4dd.evaluate import RANDOM_TEST_ACC_MEAN
+from mim4dd.metrics import RANDOM_TEST_ACC_MEAN
 
 TRIAL_METRIC = RANDOM_TEST_ACC_MEAN
 FRAME_COLUMN = "random_acc_pct"  # a trial's baseline: mean over its headline networks

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mim4dd.config import Config
-from mim4dd.data import DEBIAN_FASHION_MNIST, load_dataset
+from mim4dd.data import load_dataset
+from mim4dd.datasets import DEBIAN_FASHION_MNIST
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -12,7 +12,8 @@ import pytest
 from conftest import tiny_config
 
 from mim4dd import baseline, experiment
-from mim4dd.evaluate import (
+from mim4dd.experiment import evaluate_random_baseline
+from mim4dd.metrics import (
     NET_TEST_ACC,
     RANDOM_TEST_ACC_MEAN,
     TEST_ACC_MEAN,
@@ -21,7 +22,6 @@ from mim4dd.evaluate import (
     net_metric,
     random_metric,
 )
-from mim4dd.experiment import evaluate_random_baseline
 
 
 def _config(tmp_path, **overrides):
@@ -82,14 +82,12 @@ def test_random_metrics_are_named_apart_from_the_sets(tmp_path, digits):
 @pytest.mark.slow
 def test_a_sweep_reports_the_improvement_over_random(ray_cluster, home, tmp_path):
     pytest.importorskip("ray")
-    from sweep_helpers import sweep_runs, write_spec
+    from sweep_helpers import TINY, sweep_runs, write_spec
     from typer.testing import CliRunner
 
     from orchestrator import service, tracking
     from orchestrator.cli import app
     from orchestrator.spec import load_spec
-
-    from sweep_helpers import TINY
 
     evaluation = {**TINY["eval"], "models": ["convnet", "mlp"]}
     path = write_spec(tmp_path / "rnd.yaml", "rnd", {"lam": [0, 0.8], "seed": [0, 1]},

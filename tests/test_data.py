@@ -5,7 +5,8 @@ import torch
 
 import mim4dd.data as data_module
 from mim4dd.config import Config
-from mim4dd.data import DATASETS, DatasetError, canonical_dataset_name, load_dataset
+from mim4dd.data import load_dataset
+from mim4dd.datasets import DATASETS, DatasetError, canonical_dataset_name
 
 
 def test_fashion_mnist_found_offline_from_debian_package(tmp_path, monkeypatch):

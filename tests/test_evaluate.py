@@ -6,22 +6,21 @@ import torch
 from conftest import tiny_config
 
 from mim4dd.distill import Distiller
-from mim4dd.evaluate import (
-    TEST_ACC_MEAN,
-    TEST_ACC_STD,
-    VAL_ACC_MEAN,
-    NetResult,
-    arch_metric,
-    metric_architecture,
-    net_metric,
-    network_metrics,
-)
+from mim4dd.evaluate import NetResult, network_metrics
 from mim4dd.experiment import (
     evaluate_random_baseline,
     evaluator_for,
     finished_in,
     random_real_subset,
     run_experiment,
+)
+from mim4dd.metrics import (
+    TEST_ACC_MEAN,
+    TEST_ACC_STD,
+    VAL_ACC_MEAN,
+    arch_metric,
+    metric_architecture,
+    net_metric,
 )
 
 

@@ -4,6 +4,8 @@ Ray and MLflow, one experiment pipeline that both entry points call, modules of 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,14 @@ def test_service_modules_stay_readable():
     sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines())
              for p in (ROOT / "orchestrator").glob("*.py")}
     assert max(sizes.values()) <= MAX_SERVICE_MODULE_LINES, sizes
+
+
+def test_read_commands_import_neither_torch_nor_ray():
+    """`mim4dd-sweep list`, `status`, `report`, `stop`, `--help`: their modules (the CLI, the
+    queries) import no torch and no Ray (2-3 s of imports); `launch`, `experts`, `evaluate` and
+    `pull` (which loads the set it verifies) import them when they run."""
+    code = ("import sys, orchestrator.cli, orchestrator.queries; "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                           text=True, check=True)
+    assert found.stdout.strip() == "[]", found.stderr

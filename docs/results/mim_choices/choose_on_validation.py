@@ -19,7 +19,7 @@ import sys
 
 import pandas as pd
 
-from mim4dd.evaluate import TEST_ACC_MEAN, VAL_ACC_MEAN
+from mim4dd.metrics import TEST_ACC_MEAN, VAL_ACC_MEAN
 from orchestrator import paired, queries, tracking
 
 DEFAULTS = "(defaults)"
