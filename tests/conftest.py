@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -170,12 +169,3 @@ def first_batch_loss_and_base(distiller):
     loss, metrics = distiller.loss(distiller.batch(0))
     (grad,) = torch.autograd.grad(loss, distiller.images)
     return loss, base, grad, base_grad, metrics
-
-
-def pytest_collection_modifyitems(items):
-    """Files with the most slow tests first: pytest-xdist hands whole files to its two processes
-    in this order, so the longest ones start early instead of running alone at the end."""
-    slow: Counter[Path] = Counter()
-    for item in items:
-        slow[item.path] += any(item.get_closest_marker(m) for m in ("slow", "cluster"))
-    items.sort(key=lambda item: -slow[item.path])  # stable: file order kept within
