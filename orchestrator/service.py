@@ -135,7 +135,8 @@ def _launch(
         if remaining:
             context = LaunchContext(spec.name, uri, parent_id, spec.checkpoint_every,
                                     spec.resources.cpu, tuple(plugin_modules()), source_tags,
-                                    random_baseline=spec.random_baseline)
+                                    random_baseline=spec.random_baseline,
+                                    report_every_s=spec.report_every_s)
             if _cluster_address(spec) and tracking.is_embedded(uri):
                 console.print(f"[yellow]warning:[/] trials on other machines cannot reach {uri}; "
                               "give a tracking server with --tracking-uri", highlight=False)

@@ -70,6 +70,10 @@ class SweepSpec(BaseModel):
     max_concurrent: int | None = Field(None, ge=1)
     retries: int = Field(1, ge=0, description="Tune max_failures per trial")
     checkpoint_every: int = Field(50, ge=1, description="iterations between Tune checkpoints")
+    # Each report is a round trip to Tune's controller; checkpoints, evaluation networks and
+    # the result always report (benchmarks/bench_service_overhead.py measured the cadence).
+    report_every_s: float = Field(1.0, ge=0, description="seconds between progress reports "
+                                  "to Tune (0: every iteration)")
     # A sweep setting, not an engine one: it adds numbers to a trial without changing its set,
     # so it leaves every trial's config digest (and a finished trial) as it is.
     random_baseline: bool = Field(

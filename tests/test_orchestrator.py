@@ -44,7 +44,7 @@ def net_accuracies(run) -> list[float]:
 @pytest.mark.slow
 def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     sweep_file = write_spec(tmp_path / "grid.yaml", "grid", {"lam": [0, 0.8], "seed": [0, 1]},
-                            checkpoint_every=3, max_concurrent=2)
+                            checkpoint_every=3, max_concurrent=2, report_every_s=3600)
     spec = load_spec(sweep_file)
     outcome = service.launch(spec, progress=False, source=sweep_file)
 
@@ -115,6 +115,13 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
         assert synset_files == {"synset/synset.safetensors", "synset/manifest.json",
                                 "synset/grid.png"}
     assert len(digests) == 1  # one dataset, split alike: one digest per split for all trials
+    # Progress reached Tune at iteration 1 and at the checkpoints (3, 6) only: report_every_s
+    # is an hour (each evaluation network and the result report at iteration 6 too).
+    results = sorted((home / "ray_results" / "grid").glob("*/*/result.json"))
+    assert len(results) == 4
+    for result in results:
+        rows = [json.loads(line) for line in result.read_text().splitlines()]
+        assert sorted({row["iteration"] for row in rows}) == [1, 3, 6], result
 
     # the aggregate: by hand from the logged per-network accuracies
     expected, seed_means = {}, {}
