@@ -108,8 +108,9 @@ def test_a_sweep_on_two_architectures_reports_a_column_each(ray_cluster, home, t
 def test_a_trial_killed_mid_evaluation_resumes_without_redoing_networks(ray_cluster, home,
                                                                          tmp_path):
     # 5 iterations with checkpoints every 2: the final state is saved when evaluation starts.
-    # 2 architectures x 3 networks of 600 epochs: seconds each, time to kill in between.
-    eval_config = {**TINY["eval"], "models": MODELS, "num_nets": 3, "epochs": 600}
+    # 2 architectures x 3 networks of 300 epochs: ConvNet's take ~3 s each (one thread), time
+    # to kill in between.
+    eval_config = {**TINY["eval"], "models": MODELS, "num_nets": 3, "epochs": 300}
     path = write_spec(tmp_path / "evalkill.yaml", "evalkill", {"lam": [0.8]},
                       base={"iterations": 5, "eval": eval_config}, checkpoint_every=2)
     env, command = cli_env(home), cli("launch", str(path))
