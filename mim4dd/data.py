@@ -1,4 +1,5 @@
-"""Datasets: registry, offline discovery, train/val/test tensors and per-class sampling.
+"""Datasets: offline discovery, train/val/test tensors and per-class sampling (the registry of
+names and statistics is `mim4dd.datasets`).
 
 Every dataset is held in memory as normalised float tensors (the largest, CIFAR-100, is
 600 MB), because distillation samples a few hundred images per class every iteration and a

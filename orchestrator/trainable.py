@@ -80,7 +80,7 @@ class LaunchContext:
 
 class _Reporter(ExperimentCallback):
     """Engine progress -> `tune.report` every `report_every_s` seconds (a synchronous round
-    trip to Tune's controller: every iteration measured 0.62-0.81x the engine's step rate),
+    trip to Tune's controller: every iteration held a 13 ms step to 0.63x, BENCHMARKS.md 7),
     MLflow in batches, Tune checkpoints; then each evaluation network -> MLflow, `tune.report`
     and a checkpoint. A stop request (Ctrl-C, `mim4dd-sweep stop`) takes effect at a report."""
 
