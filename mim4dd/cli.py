@@ -19,12 +19,7 @@ from mim4dd.datasets import DatasetError
 from mim4dd.distill import Distiller, save_state
 from mim4dd.evaluate import EvalResult, NetEpoch, NetResult
 from mim4dd.experiment import (
-    RESULTS_FILE,
-    STATE_FILE,
-    ExperimentCallback,
-    evaluate_synset,
-    finished_config,
-    load_data,
+    RESULTS_FILE, STATE_FILE, ExperimentCallback, evaluate_synset, finished_config, load_data,
     run_experiment,
 )
 from mim4dd.loglines import LogLines

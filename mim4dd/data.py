@@ -24,11 +24,7 @@ import torch
 
 from mim4dd.atomic import write_atomic
 from mim4dd.datasets import (
-    DATASETS,
-    DEBIAN_FASHION_MNIST,
-    DatasetError,
-    DatasetInfo,
-    canonical_dataset_name,
+    DATASETS, DEBIAN_FASHION_MNIST, DatasetError, DatasetInfo, canonical_dataset_name,
 )
 from mim4dd.zca import ZCA
 

@@ -24,7 +24,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from mim4dd.distill import read_state  # noqa: E402
 from mim4dd.experiment import STATE_FILE  # noqa: E402
-from mim4dd.metrics import EVAL_PREFIX, arch_metric, net_metric
+from mim4dd.metrics import EVAL_PREFIX, arch_metric, net_metric  # noqa: E402
 from orchestrator import service, tracking  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402

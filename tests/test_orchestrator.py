@@ -26,7 +26,7 @@ pytest.importorskip("mlflow")
 from mlflow.entities import Metric  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from mim4dd.metrics import TEST_ACC_MEAN, TEST_ACC_STD, net_metric
+from mim4dd.metrics import TEST_ACC_MEAN, TEST_ACC_STD, net_metric  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
 from orchestrator import lineage, queries, service, tracking, trial_run  # noqa: E402
 from orchestrator.cli import app  # noqa: E402

@@ -17,7 +17,7 @@ from conftest import use_plugin  # noqa: E402
 from processes import HAS_PROC, kill_session  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from mim4dd.metrics import TEST_ACC_MEAN, TEST_ACC_STD
+from mim4dd.metrics import TEST_ACC_MEAN, TEST_ACC_STD  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
 from orchestrator import retrying, service, tracking  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
