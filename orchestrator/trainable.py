@@ -86,7 +86,7 @@ class _Reporter(ExperimentCallback):
 
     def __init__(
         self, run: TrialRun, trial: Trial, checkpoint_every: int, networks: list[NetResult],
-        report_every_s: float = 0.0,
+        report_every_s: float,
     ):
         self.run = run
         self.trial = trial
