@@ -268,7 +268,7 @@ def evaluate_command(
     tree["eval"].update({k: v for k, v in overrides.items() if v is not None})
     tree.update({k: v for k, v in {"data_root": data_root, "device": device}.items() if v})
     try:
-        config = Config.model_validate(tree)
+        config = Config.from_saved(tree)
     except ValidationError as exc:
         problems = "\n".join(f"  {line}" for line in validation_problems(exc))
         raise _fail(f"invalid evaluation settings:\n{problems}") from None

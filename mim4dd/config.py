@@ -48,7 +48,13 @@ class EvalConfig(StrictModel):
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(256, gt=0)
     dsa: bool = Field(True, description="augment with the distillation's DSA strategy")
-    seed: int = Field(0, ge=0, description="network i is initialised from seed + i")
+    seed: int = Field(0, ge=0, description="offset of the networks' seeds (see net_seeds)")
+    net_seeds: Literal["per_run", "shared"] = Field(
+        "per_run", description="per_run: network i of the run with seed s starts from a seed "
+        "drawn from (s, eval.seed, i), so the spread over run seeds includes the networks' "
+        "initialisation; shared: network i of every run starts from eval.seed + i, the same "
+        "weights for every run seed (the spread over seeds then leaves initialisation out)",
+    )
     parallel: bool | None = Field(
         None, description="train the networks together with vmap; None = on CUDA only (on CPU "
         "each conv already fills the cores, and vmap measured slower: see BENCHMARKS.md)",
@@ -241,6 +247,14 @@ class Config(StrictModel):
         if self.mim_blocks is None:
             return list(range(self.model.depth))
         return sorted({b - 1 for b in self.mim_blocks})
+
+    @classmethod
+    def from_saved(cls, tree: dict) -> Config:
+        """A config read back from a file a run wrote (results, a set's manifest). Fields added
+        since take their defaults, except one whose default changed what a run computes: an
+        evaluation saved before `net_seeds` existed gave every run the same network seeds."""
+        tree = {**tree, "eval": {"net_seeds": "shared", **tree.get("eval", {})}}
+        return cls.model_validate(tree)
 
     def digest(self) -> str:
         """16 hex digits that change with any setting: tells a run of this config from a run of

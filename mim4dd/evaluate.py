@@ -10,8 +10,10 @@ reach the same accuracies (benchmarks/bench_evaluate.py measures the ratio). Bat
 networks always train one at a time, as plain modules that keep running statistics: train mode
 while training, eval mode when tested, as in the reference code.
 
-Each network is a function of its seed alone, so an evaluation can stop after any network and
-resume without redoing the finished ones (`Evaluator.evaluate(done=..., on_network=...)`).
+Each network is a function of its seed alone (`network_seed`: by default drawn from the run
+seed and its index, so the spread over run seeds includes initialisation), so an evaluation
+can stop after any network and resume without redoing the finished ones
+(`Evaluator.evaluate(done=..., on_network=...)`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
@@ -37,6 +40,18 @@ from mim4dd.zoo import DEFAULT_ARCHITECTURE, build_network, uses_batch_norm
 # Test images per forward pass: 256 keeps a width-128 ConvNet's largest activation at 134 MB
 # (1024 measured no faster and held 0.5 GB per map).
 TEST_BATCH = 256
+# Evaluation networks draw their seeds from their own stream, apart from a run's steps (0),
+# initial images (1) and per-step heads (2) (`distill.step_seed`).
+EVAL_STREAM = 3
+
+
+def network_seed(config: EvalConfig, run_seed: int, index: int) -> int:
+    """The seed network `index` of every architecture is initialised and shuffled from."""
+    if config.net_seeds == "shared":
+        return config.seed + index
+    entropy = [run_seed, EVAL_STREAM, config.seed, index]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
 
 def _percent(fraction: float) -> float:
     # Rounded far below any accuracy's resolution: 0.29 shows as 29.0, not as
@@ -49,7 +64,7 @@ class NetResult:
     """One finished evaluation network: what a caller saves to resume an evaluation."""
 
     architecture: str
-    index: int  # network i of its architecture: initialised and shuffled from seed + i
+    index: int  # network i of its architecture: initialised and shuffled from `seed`
     seed: int
     test_accuracy: float  # in [0, 1]
     val_accuracy: float | None  # None without a validation split
@@ -174,13 +189,15 @@ def network_metrics(network: NetResult, models: Sequence[str]) -> dict[str, floa
 
 class Evaluator:
     """Built once from config; `evaluate` trains `num_nets` networks of every architecture of
-    `config.models` on the given set. "convnet" is the ConvNet of `model`."""
+    `config.models` on the given set. "convnet" is the ConvNet of `model`. `run_seed`: the
+    seed of the run whose set is evaluated (`network_seed`)."""
 
     def __init__(
         self, config: EvalConfig, model: ModelConfig, data: RealData, dsa_strategy: str,
-        device: torch.device | str = "cpu", compile: bool = False,
+        device: torch.device | str = "cpu", compile: bool = False, run_seed: int = 0,
     ):
         self.config = config
+        self.seeds = [network_seed(config, run_seed, i) for i in range(config.num_nets)]
         self.forward = MaybeCompiled(forward, compile)  # a single network's forward pass
         self.model_config = model
         self.data = data
@@ -221,7 +238,7 @@ class Evaluator:
             todo = [i for i in range(self.config.num_nets) if (arch, i) not in finished]
             together = parallel and not self.batch_norm[arch] and todo
             for group in [todo] if together else [[i] for i in todo]:
-                seeds = [self.config.seed + i for i in group]
+                seeds = [self.seeds[i] for i in group]
                 ensemble = self._train(arch, seeds, images, labels, lr, on_epoch, group)
                 test = self._accuracy(ensemble, self.data.test)
                 val = (self._accuracy(ensemble, self.data.val) if len(self.data.val)
@@ -237,10 +254,10 @@ class Evaluator:
         config, finished = self.config, {}
         for net in done:
             if (net.architecture not in config.models or not 0 <= net.index < config.num_nets
-                    or net.seed != config.seed + net.index):
+                    or net.seed != self.seeds[net.index]):
                 raise ValueError(
                     f"finished network {net} is not one of this evaluation's ({config.models}, "
-                    f"{config.num_nets} each, network i from seed {config.seed} + i)"
+                    f"{config.num_nets} each, seeds {self.seeds})"
                 )
             finished[net.architecture, net.index] = net
         return finished

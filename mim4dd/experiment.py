@@ -77,7 +77,7 @@ def finished_config(directory: str | Path) -> Config | None:
     try:
         done = json.loads((Path(directory) / RESULTS_FILE).read_text(encoding="utf-8"))
         # Validated again, so that a field added since (given its default) is not a change.
-        return Config.model_validate(done["config"])
+        return Config.from_saved(done["config"])
     except (OSError, ValueError, TypeError, KeyError):  # ValueError: also a ValidationError
         return None
 
@@ -94,7 +94,7 @@ def load_data(config: Config) -> RealData:
 
 def evaluator_for(config: Config, data: RealData) -> Evaluator:
     return Evaluator(config.eval, config.model, data, config.dsa_strategy,
-                     resolve_device(config.device), compile=config.compile)
+                     resolve_device(config.device), compile=config.compile, run_seed=config.seed)
 
 
 def evaluate_synset(
@@ -129,13 +129,11 @@ def random_real_subset(
     return data.sample_per_class(config.ipc, generator)
 
 
-def evaluate_random_baseline(
-    config: Config, data: RealData | None = None, seed: int | None = None,
-) -> EvalResult:
+def evaluate_random_baseline(config: Config, data: RealData | None = None) -> EvalResult:
     """`config.eval` (its architectures, networks and seeds; the configured lr) on
     `random_real_subset`: the number a distilled set of this size is read against."""
     data = data or load_data(config)
-    return evaluator_for(config, data).evaluate(*random_real_subset(config, data, seed))
+    return evaluator_for(config, data).evaluate(*random_real_subset(config, data))
 
 
 def run_experiment(

@@ -163,8 +163,10 @@ def cell_axes(summary: pd.DataFrame) -> list[str]:
     return [c for c in summary.columns if c not in SUMMARY_COLUMNS]
 
 
-LEGEND = ("seed-level: mean ± std over seeds of each seed's mean over its networks; pooled: "
-          "over every network of every seed (population std). Δ: the paired difference from "
+LEGEND = ("seed-level: mean ± std over seeds of each seed's mean over its networks (each seed "
+          "trains networks of its own initialisation unless eval.net_seeds is shared, so this "
+          "spread counts the randomness of distillation and of initialisation); pooled: over "
+          "every network of every seed (population std). Δ: the paired difference from "
           "the same seeds at λ = 0, in percentage points, with its 95 % confidence interval "
           "(Student t over seeds). val: validation accuracy, mean ± std over seeds; 'λ picked "
           "on val': the cell whose validation mean is highest among those differing only in λ "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mim4dd.config import Config
-from mim4dd.evaluate import NetResult, network_metrics
+from mim4dd.evaluate import NetResult, network_metrics, network_seed
 from mim4dd.metrics import EVAL_PREFIX, TEST_ACC_MEAN, arch_metric, metric_architecture, net_metric
 from mim4dd.experiment import evaluate_synset
 from mim4dd.synset import SyntheticSet
@@ -127,7 +127,7 @@ def _evaluate_run(
         with tempfile.TemporaryDirectory(prefix="mim4dd-evaluate-") as folder:
             synset = SyntheticSet.load(queries.pull(run.info.run_id, Path(folder),
                                                     tracking_uri))
-            config = Config.model_validate(synset.manifest["config"])
+            config = Config.from_saved(synset.manifest["config"])
             config = config.model_copy(
                 update={"eval": config.eval.model_copy(update={"models": todo})})
             done = _done(have, config)
@@ -153,7 +153,8 @@ def _done(have: Mapping[str, float], config: Config) -> list[NetResult]:
             test = have.get(arch_metric(arch, net_metric("test", index)))
             val = have.get(arch_metric(arch, net_metric("val", index)))
             if test is not None:
-                done.append(NetResult(arch, index, config.eval.seed + index, test / 100,
+                seed = network_seed(config.eval, config.seed, index)
+                done.append(NetResult(arch, index, seed, test / 100,
                                       None if val is None else val / 100))
     return done
 

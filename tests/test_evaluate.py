@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from mim4dd.config import Config
 from mim4dd.distill import Distiller
-from mim4dd.evaluate import NetResult, network_metrics
+from mim4dd.evaluate import NetResult, network_metrics, network_seed
 from mim4dd.experiment import (
     evaluate_random_baseline,
     evaluator_for,
@@ -199,7 +200,8 @@ def test_the_final_state_is_checkpointed_before_evaluating(digits, tmp_path):
     # Resumed from that state with network 0 done: no distillation, the state once more (a
     # caller saves it with the networks), and only network 1 trains.
     again = Listener()
-    done = [NetResult("convnet", 0, 0, whole.evaluation.test_accuracies[0],
+    done = [NetResult("convnet", 0, network_seed(config.eval, config.seed, 0),
+                      whole.evaluation.test_accuracies[0],
                       whole.evaluation.val_accuracies[0])]
     resumed = run_experiment(config, digits, callback=again, checkpoint_every=2,
                              state=first.state, evaluated=done)
@@ -210,6 +212,30 @@ def test_the_final_state_is_checkpointed_before_evaluating(digits, tmp_path):
     run_experiment(tiny_config(iterations=2, eval={"epochs": 1, "num_nets": 1}), digits,
                    callback=once, checkpoint_every=2)
     assert once.events == [("checkpoint", 2), ("evaluate", None), ("network", 0)]
+
+
+def test_each_run_seed_trains_networks_of_its_own_initialisation(digits):
+    """By default network i's seed comes from (run seed, i): the spread over run seeds then
+    includes initialisation. `net_seeds: shared` gives every run eval.seed + i."""
+    def seeds(seed, **eval_settings):
+        config = tiny_config(seed=seed, eval={"num_nets": 3, "seed": 5, **eval_settings})
+        return evaluator_for(config, digits).seeds
+
+    assert seeds(0) == seeds(0) and len(set(seeds(0))) == 3
+    assert not set(seeds(0)) & set(seeds(1))
+    assert seeds(0, net_seeds="shared") == seeds(1, net_seeds="shared") == [5, 6, 7]
+    # The seeds reach the networks: run seeds 0 and 1 train from different weights.
+    first, second = (evaluator_for(tiny_config(seed=s), digits) for s in (0, 1))
+    weights = [next(e._network("convnet", e.seeds[0]).parameters()) for e in (first, second)]
+    assert not torch.equal(*weights)
+
+
+def test_a_config_saved_before_net_seeds_existed_reads_as_shared():
+    saved = tiny_config().model_dump(mode="json")
+    del saved["eval"]["net_seeds"]
+    assert Config.from_saved(saved).eval.net_seeds == "shared"
+    assert Config.model_validate(saved).eval.net_seeds == "per_run"  # a new config's default
+    assert Config.from_saved(tiny_config().model_dump(mode="json")) == tiny_config()
 
 
 def test_random_real_baseline_is_the_distillation_start(digits):

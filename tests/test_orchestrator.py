@@ -26,6 +26,8 @@ pytest.importorskip("mlflow")
 from mlflow.entities import Metric  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from mim4dd.config import Config  # noqa: E402
+from mim4dd.experiment import evaluate_synset, run_experiment  # noqa: E402
 from mim4dd.metrics import TEST_ACC_MEAN, TEST_ACC_STD, net_metric  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
 from orchestrator import lineage, queries, service, tracking, trial_run  # noqa: E402
@@ -164,6 +166,7 @@ def test_grid_sweep_end_to_end(ray_cluster, home, tmp_path):
     folder = queries.pull(target.info.run_id, tmp_path / "pulled")
     dataset = SyntheticSet.load(folder).to_dataset()
     assert len(dataset) == 10 and dataset[0][0].shape == (1, 8, 8)
+    _assert_the_engine_reproduces(target, SyntheticSet.load(folder))
     result = CliRunner().invoke(app, ["pull", "grid", "--lam", "0.8", "--seed", "1",
                                       "--out", str(tmp_path / "cli-pulled")])
     assert result.exit_code == 0, result.output
@@ -238,6 +241,24 @@ def _logged_summary(client, run_id: str, tmp_path: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
+def _assert_the_engine_reproduces(run, pulled: SyntheticSet) -> None:
+    """The trial's config through the bare engine, in one thread as the trial ran (CPU: a
+    deterministic setting), gives the very set and accuracies the service logged; the pulled
+    set, evaluated again, gives them too."""
+    config = Config.from_saved(pulled.manifest["config"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = run_experiment(config)
+        reevaluated = evaluate_synset(pulled, config)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(again.synset.images, pulled.images)
+    for evaluation in (again.evaluation, reevaluated):
+        metrics = evaluation.metrics()
+        assert metrics == {name: run.data.metrics[name] for name in metrics}
+
+
 def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
     # lr_img 1e30 blows the images up: the engine's NaN guard raises at iteration 1.
     spec = load_spec(write_spec(tmp_path / "fail.yaml", "fail", {"lr_img": [0.1, 1e30]},
