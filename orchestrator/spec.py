@@ -169,6 +169,10 @@ def _trials_of(spec: SweepSpec, label: str) -> tuple[list[Trial], list[str]]:
     if not trials and not problems:
         problems.append("grid: the sweep has no trials (every grid point is excluded); "
                         "remove exclude rows or add include rows")
+    if ordinals := sorted({t.config.device for t in trials if ":" in t.config.device}):
+        problems.append(
+            f"device: {', '.join(ordinals)} names a device by number, but Ray assigns each trial "
+            "its GPUs and shows them to it from cuda:0 on (allowed: auto, cpu, cuda)")
     if spec.resources.gpu == 0:
         devices = sorted({t.config.device for t in trials if t.config.device.startswith("cuda")})
         if devices:

@@ -51,8 +51,9 @@ from orchestrator.tune_folder import TRIAL_FILE
 
 NETWORKS_FILE = "networks.json"  # the finished evaluation networks (`NetResult`s) beside it
 # Errors a retry would only repeat: bad settings or data (ValueError and its kin: a missing
-# dataset, a refused expert buffer or set) and divergence. The trial ends FAILED at once.
-DETERMINISTIC_ERRORS = (ValueError, DatasetError, DivergenceError)
+# dataset, a refused expert buffer or set), divergence, and running out of GPU memory (the
+# retry asks for the same memory again). The trial ends FAILED at once.
+DETERMINISTIC_ERRORS = (ValueError, DatasetError, DivergenceError, torch.OutOfMemoryError)
 FAILED = "failed"  # in a trial's last Tune result: it ended FAILED without Tune retrying it
 
 
@@ -229,14 +230,30 @@ def train_trial(params: dict[str, str], context: LaunchContext, trials: dict[str
             run.stop(f"interrupted ({type(exc).__name__}); relaunch the sweep to resume")
             raise
         except DETERMINISTIC_ERRORS as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = failure_reason(exc)
             run.fail(reason, details=traceback.format_exc())
             tune.report({FAILED: 1, "error": reason[:500]})  # returning: Tune does not retry
             return
         except Exception as exc:  # perhaps transient (a lost node, a full disk): Tune retries
             run.fail(f"{type(exc).__name__}: {exc}", details=traceback.format_exc())
             raise
+        finally:
+            # Tune reuses this worker for the next trial: hand this one's cached GPU memory back.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         tune.report(final)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a trial that ended FAILED without a retry; for running out of GPU memory,
+    what to lower (the first line of torch's message says how much was asked)."""
+    reason = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, torch.OutOfMemoryError):
+        asked = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
+        reason = (f"out of GPU memory ({asked}); lower what one trial holds (batch_real, ipc, "
+                  "model.width, eval.batch_size) or run fewer trials per GPU (a larger "
+                  "resources.gpu), then relaunch")
+    return reason
 
 
 def _peak_memory() -> dict[str, float]:

@@ -30,7 +30,7 @@ from mim4dd.config import Config  # noqa: E402
 from mim4dd.experiment import evaluate_synset, run_experiment  # noqa: E402
 from mim4dd.metrics import TEST_ACC_MEAN, TEST_ACC_STD, net_metric  # noqa: E402
 from mim4dd.synset import SyntheticSet  # noqa: E402
-from orchestrator import lineage, queries, service, tracking, trial_run  # noqa: E402
+from orchestrator import lineage, queries, service, tracking, trainable, trial_run  # noqa: E402
 from orchestrator.cli import app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from sweep_helpers import (  # noqa: E402
@@ -287,6 +287,18 @@ def test_failing_trial_does_not_stop_the_sweep(ray_cluster, home, tmp_path):
     assert bad.data.tags[tracking.TAG_ATTEMPT] == "1"  # divergence recurs: never retried
     assert by_key["lr_img=0.1"].info.status == "FINISHED"
     assert tracking.TAG_FAILURE not in by_key["lr_img=0.1"].data.tags
+
+
+def test_running_out_of_gpu_memory_fails_a_trial_at_once_saying_what_to_lower():
+    """The same trial would ask for the same memory again: not retried, and the one line names
+    how much was asked and which settings to lower."""
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+                                 "total capacity of 79.1 GiB\nof which 1.2 GiB is free.")
+    assert isinstance(oom, trainable.DETERMINISTIC_ERRORS)
+    reason = trainable.failure_reason(oom)
+    assert reason.startswith("out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "batch_real" in reason and "resources.gpu" in reason and "\n" not in reason
+    assert trainable.failure_reason(ValueError("bad lr")) == "ValueError: bad lr"
 
 
 def test_invalid_spec_fails_fast(tmp_path):

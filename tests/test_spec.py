@@ -97,6 +97,8 @@ INVALID = [
      ["grid: trial mim_blocks=[3]: mim_blocks [3] must be a non-empty list of blocks in 1..2"]),
     ("cuda without a gpu", spec_with(base={"device": "cuda"}),
      ["resources.gpu: trials ask for device cuda but resources.gpu is 0"]),
+    ("a device by number", spec_with(base={"device": "cuda:1"}, resources={"gpu": 1}),
+     ["device: cuda:1 names a device by number, but Ray assigns each trial its GPUs"]),
     ("bad resources", spec_with(resources={"cpu": 0, "gpus": 1}),
      ["resources.cpu: Input should be greater than 0",
       "resources.gpus: unknown sweep field 'gpus' (allowed: cpu, gpu)"]),
