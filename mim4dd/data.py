@@ -73,7 +73,7 @@ class RealData:
 
     def ipc_problem(self, ipc: int) -> str | None:
         """Why `ipc` real training images per class cannot start a set; None when they can."""
-        smallest = int(self.by_class.counts.min())
+        smallest = self.by_class.smallest
         if smallest >= ipc:
             return None
         return (f"ipc={ipc} needs at least that many training images per class; the smallest "
@@ -98,14 +98,17 @@ class ClassIndex:
         if (self.counts == 0).any():
             missing = torch.nonzero(self.counts == 0).flatten().tolist()
             raise DatasetError(f"classes {missing} have no training images")
+        # Read once here, not at every step's sample (a read-back per call).
+        self.smallest, self.widest = int(self.counts.min()), int(self.counts.max())
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Indices of n distinct images per class (fewer if a class is smaller), class-major."""
-        n = min(n, int(self.counts.min()))
-        num_classes, widest = len(self.counts), int(self.counts.max())
+        n = min(n, self.smallest)
+        num_classes, widest = len(self.counts), self.widest
         # Random keys; positions past a class's count get +inf so they are never picked.
         keys = torch.rand(num_classes, widest, generator=generator)
-        keys[torch.arange(widest).unsqueeze(0) >= self.counts.unsqueeze(1)] = float("inf")
+        beyond = torch.arange(widest).unsqueeze(0) >= self.counts.unsqueeze(1)
+        keys = keys.masked_fill(beyond, float("inf"))
         picks = torch.topk(keys, n, dim=1, largest=False).indices  # C x n
         return self.order[(self.starts.unsqueeze(1) + picks).flatten()]
 

@@ -182,9 +182,7 @@ class Distiller:
         if self._learned_heads():
             self.head_optimizer.step()
         self.objective.after_backward(batch)  # may raise DivergenceError (a bad step size)
-        learned_lr = self.objective.learned_lr()
-        if learned_lr is not None:
-            metrics["syn_lr"] = float(learned_lr)
+        metrics |= self.objective.step_metrics()
         metrics["lr_img"] = self.image_optimizer.param_groups[0]["lr"]
         self.schedule.step()
         self.iteration += 1

@@ -198,6 +198,7 @@ class Evaluator:
     ):
         self.config = config
         self.seeds = [network_seed(config, run_seed, i) for i in range(config.num_nets)]
+        self._on_device: dict[str, Split] = {}  # real splits moved to `device` (`_split`)
         self.forward = MaybeCompiled(forward, compile)  # a single network's forward pass
         self.model_config = model
         self.data = data
@@ -240,8 +241,8 @@ class Evaluator:
             for group in [todo] if together else [[i] for i in todo]:
                 seeds = [self.seeds[i] for i in group]
                 ensemble = self._train(arch, seeds, images, labels, lr, on_epoch, group)
-                test = self._accuracy(ensemble, self.data.test)
-                val = (self._accuracy(ensemble, self.data.val) if len(self.data.val)
+                test = self._accuracy(ensemble, "test")
+                val = (self._accuracy(ensemble, "val") if len(self.data.val)
                        else [None] * len(group))
                 for index, seed, test_acc, val_acc in zip(group, seeds, test, val, strict=True):
                     finished[arch, index] = net = NetResult(arch, index, seed, test_acc, val_acc)
@@ -301,15 +302,24 @@ class Evaluator:
                     on_epoch(NetEpoch(arch, i, epoch + 1, config.epochs, loss))
         return ensemble
 
+    def _split(self, name: str) -> Split:
+        """The real split `name` ("test", "val") on the evaluation's device: moved there once,
+        not once per network."""
+        if name not in self._on_device:
+            split = getattr(self.data, name)
+            self._on_device[name] = Split(split.images.to(self.device),
+                                          split.labels.to(self.device))
+        return self._on_device[name]
+
     @torch.no_grad()
-    def _accuracy(self, ensemble: _Ensemble, split: Split) -> list[float]:
-        layout = memory_format(self.device)
+    def _accuracy(self, ensemble: _Ensemble, name: str) -> list[float]:
+        split, layout = self._split(name), memory_format(self.device)
         ensemble.for_testing(layout)
         correct = torch.zeros(ensemble.size, dtype=torch.long, device=self.device)
         batches = zip(split.images.split(TEST_BATCH), split.labels.split(TEST_BATCH), strict=True)
         for images, labels in batches:
-            logits = ensemble.shared(images.to(self.device).contiguous(memory_format=layout))
-            correct += (logits.argmax(-1) == labels.to(self.device)).sum(1)
+            logits = ensemble.shared(images.contiguous(memory_format=layout))
+            correct += (logits.argmax(-1) == labels).sum(1)
         return [count / len(split) for count in correct.tolist()]  # exact fractions
 
 

@@ -265,13 +265,31 @@ def _missing_message(directory: Path) -> str:
     )
 
 
+def _memory_mapped(path: Path) -> torch.Tensor:
+    """The trajectory tensor of an expert file, mapped rather than read: a safetensors file is
+    an 8-byte little-endian header length, a JSON header (dtype, shape, byte offsets) and the
+    raw data. Copy-on-write, so the tensor is writable and the file never changes."""
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        entry = json.loads(handle.read(header_size))[TENSOR]
+    if entry["dtype"] != "F32":
+        raise ExpertBufferError(f"{path}: trajectory of dtype {entry['dtype']}, expected F32; "
+                                f"retrain it with `{TRAIN_COMMAND}`")
+    start, _ = entry["data_offsets"]
+    array = np.memmap(path, dtype=np.float32, mode="c", offset=8 + header_size + start,
+                      shape=tuple(entry["shape"]))
+    return torch.from_numpy(array)
+
+
 class ExpertBuffer:
-    """A verified buffer; trajectories are read from disk on demand, never all at once."""
+    """A verified buffer; trajectories are read through memory maps on demand, never all at once."""
 
     def __init__(self, directory: Path, manifest: dict):
         self.directory = directory
         self.manifest = manifest
-        self._verified: set[int] = set()  # files whose sha256 this process has checked
+        # Each expert's file, checked (sha256) and memory-mapped once per process: a step reads
+        # its two rows from the mapping, never opening a file (the OS keeps hot pages cached).
+        self._mapped: dict[int, torch.Tensor] = {}
 
     @classmethod
     def open(cls, directory: str | Path, expected_key: dict, min_count: int = 1) -> ExpertBuffer:
@@ -322,24 +340,24 @@ class ExpertBuffer:
     def num_params(self) -> int:
         return int(self.manifest["shape"][1])
 
-    def _checked_path(self, index: int) -> Path:
+    def _trajectory(self, index: int) -> torch.Tensor:
+        """Expert `index`'s trajectory, epochs + 1 x P, memory-mapped from its checked file."""
+        if index in self._mapped:
+            return self._mapped[index]
         if not 0 <= index < self.count:
             raise IndexError(f"expert {index} not in a buffer of {self.count}")
         path = self.directory / expert_file(index)
-        if index not in self._verified:
-            expected = self.manifest["files"][path.name]["sha256"]
-            if _sha256_file(path) != expected:
-                raise ExpertBufferError(f"{path}: sha256 checksum mismatch with {MANIFEST_FILE}; "
-                                        f"the file is corrupt, retrain it with `{TRAIN_COMMAND}`")
-            self._verified.add(index)
-        return path
+        expected = self.manifest["files"][path.name]["sha256"]
+        if _sha256_file(path) != expected:
+            raise ExpertBufferError(f"{path}: sha256 checksum mismatch with {MANIFEST_FILE}; "
+                                    f"the file is corrupt, retrain it with `{TRAIN_COMMAND}`")
+        self._mapped[index] = _memory_mapped(path)
+        return self._mapped[index]
 
     def rows(self, index: int, epochs: list[int]) -> torch.Tensor:
-        """Expert `index`'s parameters at the given epochs, len(epochs) x P, read from disk."""
-        path = self._checked_path(index)
-        with safe_open(path, framework="pt") as handle:
-            tensor = handle.get_slice(TENSOR)
-            return torch.cat([tensor[e : e + 1] for e in epochs])
+        """Expert `index`'s parameters at the given epochs, len(epochs) x P (a copy)."""
+        trajectory = self._trajectory(index)
+        return torch.stack([trajectory[e] for e in epochs])
 
     def trajectory(self, index: int) -> torch.Tensor:
         """The whole trajectory of expert `index`: epochs + 1 x P."""

@@ -154,7 +154,7 @@ def test_batch_norm_networks_test_in_eval_mode_with_running_statistics(digits):
     norms = [m for m in ensemble.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(int(m.num_batches_tracked) == 4 for m in norms)
     stats = [m.running_mean.clone() for m in norms]
-    accuracy = evaluator._accuracy(ensemble, digits.test)
+    accuracy = evaluator._accuracy(ensemble, "test")
     # What the reference does: eval mode, the running statistics, which testing leaves alone.
     assert not ensemble.net.training
     with torch.no_grad():

@@ -103,6 +103,11 @@ class MatchingObjective(ABC):
         """A step size learned with the images, saved with the set and used by evaluation."""
         return None
 
+    def step_metrics(self) -> dict[str, float]:
+        """Numbers of the objective's own to log after `after_backward`, as host values it read
+        anyway (a read of a device tensor here would wait for the device once more)."""
+        return {}
+
     # Objectives that carry state across steps (a network being trained, a learned step size)
     # override these so a resumed run continues exactly.
     def state_dict(self) -> dict:

@@ -99,16 +99,17 @@ class GradientMatching(MatchingObjective):
         syn = self.dsa.apply(batch.syn, aug, batch.syn_labels)
 
         distances, real_features, syn_features = [], [], []
-        for c in range(num_classes):
-            real_mask, syn_mask = batch.real_labels == c, batch.syn_labels == c
-            real_maps, real_logits = self._forward(net, real[real_mask])
-            g_real = torch.autograd.grad(
-                F.cross_entropy(real_logits, batch.real_labels[real_mask]), params
-            )
-            syn_maps, syn_logits = self._forward(net, syn[syn_mask])
+        # Both sides come grouped class by class, equally many per class (StepBatch): a class
+        # is a slice, not a boolean mask (which would wait for the device once per class).
+        per_class = zip(real.chunk(num_classes), batch.real_labels.chunk(num_classes),
+                        syn.chunk(num_classes), batch.syn_labels.chunk(num_classes), strict=True)
+        for real_c, real_labels_c, syn_c, syn_labels_c in per_class:
+            real_maps, real_logits = self._forward(net, real_c)
+            g_real = torch.autograd.grad(F.cross_entropy(real_logits, real_labels_c), params)
+            syn_maps, syn_logits = self._forward(net, syn_c)
             # create_graph: the distance is differentiated again, into the synthetic pixels.
             g_syn = torch.autograd.grad(
-                F.cross_entropy(syn_logits, batch.syn_labels[syn_mask]), params, create_graph=True
+                F.cross_entropy(syn_logits, syn_labels_c), params, create_graph=True
             )
             distances.append(gradient_distance(g_syn, [g.detach() for g in g_real],
                                                self.config.dis_metric))

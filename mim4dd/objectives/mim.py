@@ -10,7 +10,6 @@ L_MIM = sum_k L_k. See docs/method.md for every choice made here.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,21 +25,26 @@ def pool_to_grid(maps: torch.Tensor, grid: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Pairs:
     """The (synthetic, real) pairs of a step: each positive's and each negative's weight in
-    its mean, and r, negatives per positive. The same for every block, so built once a step:
-    its one read-back to the host (the counts) then happens once, not per block, and the
-    masked sums need none (boolean indexing would wait for the device each time)."""
+    its mean, and r, negatives per positive. The same for every block, so built once a step.
+    Everything stays a tensor on the features' device: no read-back to the host (which on a
+    GPU would wait for the device), also not for the case without contrast."""
 
     positive_weight: torch.Tensor  # 1 / #positives on positive pairs, else 0
     negative_weight: torch.Tensor  # 1 / #negatives on negative pairs, else 0
-    log_r: float | None  # None: no contrast to learn from (a single class, say)
+    log_r: torch.Tensor  # 0-dim float64; 0 (a harmless stand-in) without contrast
+    contrast: torch.Tensor  # 0-dim bool: both positives and negatives exist (not one class)
 
     @classmethod
     def of(cls, syn_labels: torch.Tensor, real_labels: torch.Tensor) -> Pairs:
         positive = (syn_labels.unsqueeze(1) == real_labels.unsqueeze(0)).float()
-        num_pos = int(positive.sum())
+        num_pos = positive.sum(dtype=torch.int64)
         num_neg = positive.numel() - num_pos
-        log_r = math.log(num_neg / num_pos) if num_pos and num_neg else None
-        return cls(positive / max(num_pos, 1), (1 - positive) / max(num_neg, 1), log_r)
+        contrast = (num_pos > 0) & (num_neg > 0)
+        # In float64, as math.log of the counts' ratio: the same number as a host computation.
+        ratio = num_neg.double() / num_pos.clamp_min(1).double()
+        log_r = torch.where(contrast, ratio.clamp_min(1e-300).log(), 0.0)
+        return cls(positive / num_pos.clamp_min(1), (1 - positive) / num_neg.clamp_min(1),
+                   log_r, contrast)
 
 
 def nce_loss(
@@ -48,17 +52,17 @@ def nce_loss(
     tau: float, pairs: Pairs | None = None,
 ) -> torch.Tensor:
     """NCE over all cross pairs with the CRD critic. Inputs are L2-normalised embeddings;
-    `pairs`, when given, is `Pairs.of(syn_labels, real_labels)` built once for every block."""
+    `pairs`, when given, is `Pairs.of(syn_labels, real_labels)` built once for every block.
+    0 (with zero gradients) without contrast: a single class has nothing to tell apart."""
     pairs = pairs or Pairs.of(syn_labels, real_labels)
-    if pairs.log_r is None:
-        return z_syn.new_zeros(())
     scores = z_syn @ z_real.T / tau
     # log h and log(1 - h) through logaddexp, which stays finite for any score.
-    log_denominator = torch.logaddexp(scores, torch.full_like(scores, pairs.log_r))
+    log_denominator = torch.logaddexp(scores, pairs.log_r.to(scores.dtype).expand_as(scores))
     log_h = scores - log_denominator
     log_one_minus_h = pairs.log_r - log_denominator
-    return (-(log_h * pairs.positive_weight).sum()
-            - math.exp(pairs.log_r) * (log_one_minus_h * pairs.negative_weight).sum())
+    loss = (-(log_h * pairs.positive_weight).sum()
+            - pairs.log_r.exp().to(scores.dtype) * (log_one_minus_h * pairs.negative_weight).sum())
+    return torch.where(pairs.contrast, loss, 0.0)
 
 
 # `mim_heads: per_step`: SGD steps fitting freshly drawn heads to one step's features, with the

@@ -96,12 +96,14 @@ class TrajectoryMatching(MatchingObjective):
             raise ExpertBufferError(f"the buffer's networks have {self.buffer.num_params} "
                                     f"parameters, this model {self.model.size}")
         self.syn_lr = torch.tensor(config.lr_teacher, device=device, requires_grad=True)
+        self._lr_value = float(config.lr_teacher)  # the step size as last read, for logging
         self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=LR_MOMENTUM)
 
     def match(self, batch: StepBatch, with_features: bool) -> MatchOutput:
         config, generator = self.config, batch.generator
-        expert = int(torch.randint(config.num_experts, (1,), generator=generator))
-        t = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
+        # Host-side draws: tolist reads the CPU tensor without an op that could wait for a device.
+        expert = torch.randint(config.num_experts, (1,), generator=generator).tolist()[0]
+        t = torch.randint(config.max_start_epoch, (1,), generator=generator).tolist()[0]
         start, target = self.buffer.rows(expert, [t, t + config.expert_epochs]).to(self.device)
         student = unroll(self.model, start, batch.syn, batch.syn_labels, self.syn_lr,
                          config.syn_steps, config.batch_syn, generator, self.dsa)
@@ -131,7 +133,7 @@ class TrajectoryMatching(MatchingObjective):
     def after_backward(self, batch: StepBatch) -> None:
         self.lr_optimizer.step()
         self.lr_optimizer.zero_grad(set_to_none=True)
-        value = float(self.syn_lr.detach())
+        value = self._lr_value = float(self.syn_lr.detach())  # the step's one extra read-back
         if not (math.isfinite(value) and 0 < value <= self.config.syn_lr_max):
             raise StepSizeError(
                 f"the learned step size became {value:.4g} at iteration {batch.iteration} "
@@ -141,6 +143,9 @@ class TrajectoryMatching(MatchingObjective):
 
     def learned_lr(self) -> torch.Tensor:
         return self.syn_lr.detach().clone()
+
+    def step_metrics(self) -> dict[str, float]:
+        return {"syn_lr": self._lr_value}
 
     def state_dict(self) -> dict:
         return {"syn_lr": self.syn_lr.detach().cpu().clone(),
