@@ -288,6 +288,17 @@ class SyntheticSet:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
+    def __str__(self) -> str:
+        """What a person asks of a set first: what it is, how big, how it was made."""
+        shape = "×".join(map(str, self.image_shape))
+        config = self.manifest.get("config") or {}
+        made = ", ".join(f"{k} {config[k]}" for k in ("base", "lam", "seed") if k in config)
+        lr = "" if self.lr is None else f", learned lr {float(self.lr):.4g}"
+        zca = ", ZCA-whitened" if self.zca is not None else ""
+        per_class = f"{self.ipc} image{'s' if self.ipc != 1 else ''} per class"
+        return (f"{self.manifest['dataset']} synthetic set: {self.num_classes} classes, "
+                f"{per_class}, {shape}{zca}{lr}" + (f" ({made})" if made else ""))
+
     # --- use ------------------------------------------------------------------------------
 
     def denormalised(self) -> torch.Tensor:

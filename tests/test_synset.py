@@ -64,6 +64,14 @@ def test_create_builds_manifest():
     json.dumps(m)  # JSON-able as promised
 
 
+def test_a_set_prints_what_it_is():
+    classes = len(CLASSES)
+    assert str(make_set(ipc=2)) == (
+        f"Toy synthetic set: {classes} classes, 2 images per class, 3×8×8 (lam 0.8)")
+    assert str(make_set(ipc=1, channels=1, lr=0.02)).startswith(
+        f"Toy synthetic set: {classes} classes, 1 image per class, 1×8×8, learned lr 0.02")
+
+
 def test_create_detaches_and_rejects_bad_input():
     images = torch.randn(6, 1, 8, 8, requires_grad=True)
     labels = torch.arange(3).repeat_interleave(2).int()
