@@ -239,7 +239,9 @@ def cell_metrics(summary: pd.DataFrame) -> dict[str, float]:
         cell = re.sub(r"[^\w.\-/ ]", "_", cell)  # what MLflow allows in a metric name
         for column in SUMMARY_COLUMNS:
             if not pd.isna(row[column]):
-                metrics[f"{CELL_METRIC}{cell}/{column}"] = float(row[column])
+                # Rounded far below any resolution, as evaluation's accuracies: the MLflow UI
+                # shows 0.123, not the float noise of 0.12300000000000466.
+                metrics[f"{CELL_METRIC}{cell}/{column}"] = round(float(row[column]), 9)
     return metrics
 
 

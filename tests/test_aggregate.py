@@ -205,6 +205,15 @@ def test_student_t_without_scipy_and_the_parent_metrics():
     assert len(metrics) == 10 + 7  # every number of both cells, none missing
 
 
+def test_parent_metrics_show_no_float_noise():
+    """A difference of 70.123 - 70.0 is 0.12300000000000466 in floating point; the parent run's
+    metric (what the MLflow UI shows) is 0.123."""
+    noisy = frame({(0.0, 0): [0.70], (0.8, 0): [0.70123]})
+    summary = aggregate.summarize(noisy, ["lam", "seed"])
+    assert summary["diff_vs_lam0_mean_pct"].iloc[1] != 0.123  # the noise is real
+    assert aggregate.cell_metrics(summary)["cell/lam_0.8/diff_vs_lam0_mean_pct"] == 0.123
+
+
 def test_cross_architecture_table_by_hand(tmp_path):
     from orchestrator import cross_arch
 
