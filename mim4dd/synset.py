@@ -48,8 +48,11 @@ MAX_MANIFEST_BYTES = 16 << 20
 MAX_TENSORS_BYTES = 4 << 30  # 1,000 classes x IPC 50 at 64 x 64 x 3 is 2.5 GB
 
 GRID_PADDING = 2
-# Cells smaller than this are upscaled (nearest) so tiny images stay visible in the PNG.
-GRID_MIN_CELL = 32
+# Cells smaller than this are upscaled (nearest) so tiny images stay readable in the PNG: a
+# 28-pixel Fashion-MNIST image doubles, an 8-pixel digit grows 7x.
+GRID_MIN_CELL = 56
+GRID_FONT_PX = 14  # the class names left of each row, in PIL's built-in font
+GRID_LABEL_GAP = 6  # pixels around a class name
 
 _DTYPES = {"images": torch.float32, "labels": torch.int64, "lr": torch.float32,
            **dict.fromkeys(ZCA_TENSORS, torch.float32)}
@@ -181,14 +184,24 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def grid_size(num_classes: int, ipc: int, height: int, width: int) -> tuple[int, int]:
-    """(width, height) in pixels of the grid.png that `save` writes for such a set."""
+def grid_size(class_names: list[str], ipc: int, height: int, width: int) -> tuple[int, int]:
+    """(width, height) in pixels of the grid.png that `save` writes for such a set: a column
+    of class names, then one row of `ipc` upscaled images per class."""
     scale = max(1, GRID_MIN_CELL // min(height, width))
-    cell_h, cell_w = height * scale, width * scale
-    if num_classes * ipc == 1:  # make_grid returns a lone image without padding
-        return cell_w, cell_h
     pad = GRID_PADDING
-    return ipc * (cell_w + pad) + pad, num_classes * (cell_h + pad) + pad
+    return (_label_width(class_names) + ipc * (width * scale + pad) + pad,
+            len(class_names) * (height * scale + pad) + pad)
+
+
+def _grid_font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=GRID_FONT_PX)
+
+
+def _label_width(class_names: list[str]) -> int:
+    font = _grid_font()
+    return max(math.ceil(font.getlength(name)) for name in class_names) + 2 * GRID_LABEL_GAP
 
 
 @dataclass
@@ -378,17 +391,32 @@ class SyntheticSet:
         return directory
 
     def _write_grid(self, path: Path) -> None:
+        """grid.png: one row per class, its name on the left, its images upscaled (nearest)
+        to at least GRID_MIN_CELL pixels, in pixel space (un-whitened for a ZCA set)."""
+        from PIL import Image, ImageDraw
+
         images = self.denormalised().detach().cpu().clamp(0, 1)
         images = images[torch.argsort(self.labels.cpu(), stable=True)]  # row = class
-        height, width = images.shape[-2:]
+        pixels = images.mul(255).round().to(torch.uint8).expand(-1, 3, -1, -1)  # grey as RGB
+        height, width = pixels.shape[-2:]
         scale = max(1, GRID_MIN_CELL // min(height, width))
-        if scale > 1:
-            images = F.interpolate(images, scale_factor=scale, mode="nearest")
-        # Imported here: torchvision pulls in torch._dynamo, ~3 s per process that loads a set.
-        from torchvision.utils import make_grid, save_image
-
-        grid = make_grid(images, nrow=max(1, self.ipc), padding=GRID_PADDING)
-        save_image(grid, path, format="png")
+        pixels = pixels.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+        pad, rows, cols = GRID_PADDING, self.num_classes, self.ipc
+        # Each image padded below and right, tiled rows x cols, then the top and left padding.
+        tiles = F.pad(pixels, (0, pad, 0, pad))
+        step_y, step_x = tiles.shape[-2:]
+        tiled = tiles.view(rows, cols, 3, step_y, step_x).permute(0, 3, 1, 4, 2)
+        cells = F.pad(tiled.reshape(rows * step_y, cols * step_x, 3), (0, 0, pad, 0, pad, 0))
+        names = self.manifest["class_names"]
+        label = _label_width(names)
+        canvas = Image.new("RGB", (label + cells.shape[1], cells.shape[0]))
+        canvas.paste(Image.fromarray(cells.numpy()), (label, 0))
+        draw, font = ImageDraw.Draw(canvas), _grid_font()
+        for row, name in enumerate(names):
+            centre = pad + row * step_y + (step_y - pad) / 2
+            draw.text((GRID_LABEL_GAP, centre), name, fill=(230, 230, 230), font=font,
+                      anchor="lm")
+        canvas.save(path, format="png")
 
     @staticmethod
     def _fsync_dir(directory: Path) -> None:

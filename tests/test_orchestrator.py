@@ -514,14 +514,14 @@ def test_the_mlflow_preview_lays_a_tall_grid_out_about_square(tmp_path):
     with Image.open(tmp_path / "set" / "grid.png") as grid:
         grid = grid.convert("RGB")
     preview = trial_run.squarer(grid, rows=10)
-    assert grid.height > 8 * grid.width and 0.5 < preview.width / preview.height < 2
+    assert grid.height > 5 * grid.width and 0.5 < preview.width / preview.height < 2
     step, pad = (grid.height - 2) // 10, 2
-    side = step - pad
-    per_line = (preview.width - pad) // (grid.width - pad)
-    for row in range(10):  # every class's image is in the preview, unchanged
+    width = grid.width - pad  # a row: its class name and image, and the padding left of them
+    per_line = (preview.width - pad) // width
+    for row in range(10):  # every class's row is in the preview, unchanged
         line, slot = divmod(row, per_line)
-        x, y = slot * (grid.width - pad) + pad, line * step + pad
-        assert preview.crop((x, y, x + side, y + side)).tobytes() == grid.crop(
-            (pad, row * step + pad, pad + side, row * step + pad + side)).tobytes()
+        x, y = slot * width, line * step
+        assert preview.crop((x, y, x + width, y + step)).tobytes() == grid.crop(
+            (0, row * step, width, row * step + step)).tobytes()
     wide = grid.resize((grid.height, grid.width))  # already wider than tall: left as it is
     assert trial_run.squarer(wide, rows=1) is wide

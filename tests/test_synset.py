@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from mim4dd.synset import (
     FORMAT_VERSION,
     GRID_FILE,
+    GRID_LABEL_GAP,
     MANIFEST_FILE,
     TENSORS_FILE,
     SyntheticSet,
@@ -202,10 +203,15 @@ def test_grid_png_size(tmp_path, channels, size, ipc):
     make_set(ipc=ipc, channels=channels, size=size).save(tmp_path)
     with Image.open(tmp_path / GRID_FILE) as image:
         assert image.format == "PNG"
-        assert image.size == grid_size(len(CLASSES), ipc, size, size)
-    # Tiny images are upscaled: 8x8 cells become 32x32.
-    if size == 8:
-        assert grid_size(3, ipc, 8, 8) == (ipc * 34 + 2, 3 * 34 + 2)
+        assert image.size == grid_size(CLASSES, ipc, size, size)
+    # Small images are upscaled: 8x8 cells become 56x56, 28x28 ones 56x56; a class-name column
+    # comes first.
+    label = grid_size(CLASSES, ipc, size, size)[0] - grid_size([""], ipc, size, size)[0]
+    assert label > 0
+    cell = {8: 56, 28: 56, 32: 32}[size]
+    assert grid_size(CLASSES, ipc, size, size) == (
+        grid_size([""], ipc, size, size)[0] + label, len(CLASSES) * (cell + 2) + 2)
+    assert grid_size([""], ipc, size, size)[0] == 2 * GRID_LABEL_GAP + ipc * (cell + 2) + 2
 
 
 def test_grid_rows_are_classes(tmp_path):
@@ -217,12 +223,15 @@ def test_grid_rows_are_classes(tmp_path):
         config={}, eval_protocol={},
     )
     synset.save(tmp_path)
+    label = grid_size(CLASSES, 2, 8, 8)[0] - grid_size([""], 2, 8, 8)[0] + 2 * GRID_LABEL_GAP
     with Image.open(tmp_path / GRID_FILE) as image:
         grey = image.convert("L")
         for row in range(3):
-            y = 2 + row * 34 + 16  # centre of a cell in that row
-            values = {grey.getpixel((2 + col * 34 + 16, y)) for col in range(2)}
+            y = 2 + row * 58 + 28  # centre of a cell in that row (8 px upscaled to 56)
+            values = {grey.getpixel((label + 2 + col * 58 + 28, y)) for col in range(2)}
             assert values == {round(255 * row / 2)}
+            # the class name, light on the dark label column
+            assert max(grey.getpixel((x, y)) for x in range(label)) > 150
 
 
 def test_denormalised_inverts_normalisation():
