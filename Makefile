@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-data test bench clean-runs
+.PHONY: demo demo-data test bench gpu-check clean-runs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_distill.py
 	$(PY) benchmarks/bench_evaluate.py
 	$(PY) benchmarks/bench_speed.py
+
+# On a GPU machine, offline, at most 8 minutes: the CUDA tests and what a GPU changes (step
+# times, vmap evaluation, syncs, memory, the service, trials sharing a GPU). Report: $OUT if set,
+# else ./gpu-check-report/. Without CUDA it stops at once (--dry-run-cpu: a tiny CPU rehearsal).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean-runs:
 	rm -rf .mim4dd runs

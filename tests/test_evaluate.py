@@ -68,17 +68,16 @@ def test_every_pool_architecture_trains_the_same_stacked_under_vmap_as_alone(dig
     images, labels = _set(digits, ipc=1)
     images = F.interpolate(images, size=size, mode="bilinear")
     data = dataclasses.replace(digits, info=dataclasses.replace(digits.info, image_size=size))
-    config = tiny_config(eval={"epochs": 2, "num_nets": 2, "batch_size": 10, "models": [arch]})
+    config = tiny_config(eval={"epochs": 1, "num_nets": 2, "batch_size": 5, "models": [arch]})
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         evaluator = evaluator_for(config, data)
         together = evaluator._train(arch, evaluator.seeds, images.double(), labels, lr=0.1)
-        for i, seed in enumerate(evaluator.seeds):
-            alone = evaluator._train(arch, [seed], images.double(), labels, lr=0.1)
-            for name, param in alone.net.named_parameters():
-                torch.testing.assert_close(together.stacked[name][i], param, rtol=1e-9,
-                                           atol=1e-10)
+        # The second network: it is where a stacking mistake would show (two momentum steps).
+        alone = evaluator._train(arch, evaluator.seeds[1:], images.double(), labels, lr=0.1)
+        for name, param in alone.net.named_parameters():
+            torch.testing.assert_close(together.stacked[name][1], param, rtol=1e-9, atol=1e-10)
     finally:
         torch.set_default_dtype(previous)
 
