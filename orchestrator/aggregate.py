@@ -173,6 +173,14 @@ LEGEND = ("seed-level: mean ± std over seeds of each seed's mean over its netwo
           "(the test split never chooses).")
 
 
+def exported(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary as files and `report --format csv/json` give it: the random-baseline
+    columns only in a sweep that has a baseline (else they are empty in every row)."""
+    if summary[versus_random.RANDOM_MEAN].notna().any():
+        return summary
+    return summary.drop(columns=versus_random.COLUMNS)
+
+
 def legend(summary: pd.DataFrame) -> str:
     """What the summary's table shows, its random-baseline columns only where it has them."""
     baselined = bool(summary[versus_random.RANDOM_MEAN].notna().any())
@@ -298,7 +306,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "trials.csv", out_dir / "summary.csv", out_dir / "summary.md"]
     frame.to_csv(files[0], index=False)
-    summary.to_csv(files[1], index=False)
+    exported(summary).to_csv(files[1], index=False)
     title = f"# {name}\n\n" if name else ""
     files[2].write_text(title + to_markdown(summary))
     for axis in plot_axes(summary):
@@ -318,7 +326,7 @@ def log_report(
     from orchestrator import tracking
 
     if not summary.empty:
-        tracking.log_table(client, run_id, summary, "aggregate/summary.json")
+        tracking.log_table(client, run_id, exported(summary), "aggregate/summary.json")
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in cell_metrics(summary).items()]
         for start in range(0, len(metrics), 1000):  # MLflow takes 1000 per request

@@ -192,7 +192,7 @@ class SweepReport:
     def as_text(self, fmt: str) -> str:
         """The summary, with the architectures' columns, as "csv" or "json" (records, full
         precision) for programs."""
-        table = cross_arch.merged(self.summary, self.architectures)
+        table = cross_arch.merged(aggregate.exported(self.summary), self.architectures)
         if fmt == "csv":
             return table.to_csv(index=False)
         text = table.to_json(orient="records", indent=2, double_precision=15)
