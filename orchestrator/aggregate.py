@@ -247,8 +247,7 @@ def cell_metrics(summary: pd.DataFrame) -> dict[str, float]:
         cell = re.sub(r"[^\w.\-/ ]", "_", cell)  # what MLflow allows in a metric name
         for column in SUMMARY_COLUMNS:
             if not pd.isna(row[column]):
-                # Rounded far below any resolution, as evaluation's accuracies: the MLflow UI
-                # shows 0.123, not the float noise of 0.12300000000000466.
+                # Far below any resolution: the UI shows 0.123, not 0.12300000000000466.
                 metrics[f"{CELL_METRIC}{cell}/{column}"] = round(float(row[column]), 9)
     return metrics
 
