@@ -19,7 +19,8 @@ skipped with a note, and one that fails records its error while the next part ru
 The report is printed and written as gpu-check.json and gpu-check.md into --out (default: $OUT
 when set, else ./gpu-check-report/), after every part. Exit status: 0; 1 when a part failed;
 2 without CUDA (in seconds, nothing measured). `--dry-run-cpu` runs every part in a tiny form on
-the CPU and skips the two that start Ray (tests/test_gpu_check.py runs it).
+the CPU, without budgets, and skips the CUDA tests (they only skip there) and the two parts that
+start Ray (tests/test_gpu_check.py runs it).
 
     python benchmarks/gpu_check.py [--out DIR] [--budget-s 470] [--only PART ...]
 """
