@@ -11,6 +11,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from mim4dd.data import RealData, Split
+from mim4dd.datasets import DATASETS
 from mim4dd.device import resolve_device
 
 
@@ -22,6 +24,26 @@ def prepare(device_name: str, threads: int) -> torch.device:
     print(f"torch {torch.__version__} | device {device} | CPU threads {torch.get_num_threads()} | "
           f"{platform.processor() or platform.machine()} | python {platform.python_version()}")
     return device
+
+
+def generated_like(dataset: str, train_per_class: int, val_images: int = 0,
+                   test_images: int = 0, seed: int = 0) -> RealData:
+    """Random tensors with a registry dataset's shape and classes, where the data is not on
+    the machine (offline, no CIFAR): a step's time and memory depend on shapes, not pixels."""
+    info = DATASETS[dataset]
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(labels: torch.Tensor) -> Split:
+        shape = (len(labels), info.channels, info.image_size, info.image_size)
+        return Split(torch.randn(shape, generator=generator), labels)
+
+    classes = info.num_classes
+    return RealData(
+        info, train=split(torch.arange(classes).repeat_interleave(train_per_class)),
+        val=split(torch.arange(val_images) % classes),
+        test=split(torch.arange(test_images) % classes),
+        class_names=[f"class {i}" for i in range(classes)],
+    )
 
 
 def sync(device: torch.device) -> None:

@@ -23,16 +23,11 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-from _common import prepare, print_table, time_interleaved
+from _common import generated_like, prepare, print_table, time_interleaved
 
 from mim4dd.config import Config, ModelConfig
-from mim4dd.data import RealData, Split, load_dataset
-from mim4dd.datasets import DATASETS
+from mim4dd.data import load_dataset
 from mim4dd.distill import Distiller
-
-CIFAR10_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-]
 
 
 @dataclass
@@ -49,21 +44,6 @@ class Row:
     steps: int
     ratio: float | None  # median(lam) / median(lam=0), wall clock; None on the lam = 0 row
     cpu_ratio: float | None  # the same on CPU time
-
-
-def generated_cifar_like(per_class: int, seed: int = 0) -> RealData:
-    """Random 3 x 32 x 32 tensors with CIFAR10's registry entry: 10 classes x `per_class`."""
-    info = DATASETS["CIFAR10"]
-    generator = torch.Generator().manual_seed(seed)
-
-    def split(per: int) -> Split:
-        images = torch.randn(10 * per, 3, 32, 32, generator=generator)
-        labels = torch.arange(10).repeat_interleave(per)
-        return Split(images, labels)
-
-    return RealData(
-        info, train=split(per_class), val=split(10), test=split(10), class_names=CIFAR10_CLASSES
-    )
 
 
 def print_results(rows: list[Row], title: str) -> None:
@@ -104,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             data, label, dataset = load_dataset("FashionMNIST"), "FashionMNIST", "FashionMNIST"
         else:
             per_class = max(args.batch_real, max(args.ipc))
-            data, label, dataset = generated_cifar_like(per_class), "GENERATED", "CIFAR10"
+            data = generated_like("CIFAR10", per_class, val_images=100, test_images=100)
+            label, dataset = "GENERATED", "CIFAR10"
             print(f"NOTE: the 32x32 inputs are GENERATED random tensors shaped like CIFAR10 "
                   f"(10 classes x {per_class} images, 3x32x32); no CIFAR10 is read.")
         shape = "x".join(map(str, data.image_shape))

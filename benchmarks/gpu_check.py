@@ -48,10 +48,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import measure, sync
+from _common import generated_like, measure, sync
 
 from mim4dd.config import Config
-from mim4dd.data import OFFLINE_ENV, RealData, Split
+from mim4dd.data import OFFLINE_ENV, RealData
 from mim4dd.datasets import DATASETS
 from mim4dd.distill import Distiller
 from mim4dd.evaluate import EvalResult, Evaluator
@@ -151,26 +151,6 @@ def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def generated_like(dataset: str, train_per_class: int, val_images: int = 0,
-                   test_images: int = 0, seed: int = 0) -> RealData:
-    """Random tensors with a registry dataset's shape and classes (the GPU machine is offline
-    and has no CIFAR): a step's time and memory depend on shapes, not on pixel values."""
-    info = DATASETS[dataset]
-    generator = torch.Generator().manual_seed(seed)
-
-    def split(labels: torch.Tensor) -> Split:
-        shape = (len(labels), info.channels, info.image_size, info.image_size)
-        return Split(torch.randn(shape, generator=generator), labels)
-
-    classes = info.num_classes
-    return RealData(
-        info, train=split(torch.arange(classes).repeat_interleave(train_per_class)),
-        val=split(torch.arange(val_images) % classes),
-        test=split(torch.arange(test_images) % classes),
-        class_names=[f"class {i}" for i in range(classes)],
-    )
 
 
 def run_command(command: list[str], deadline: float, env: dict | None = None) -> tuple[str, float]:
