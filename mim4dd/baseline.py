@@ -21,7 +21,7 @@ from mim4dd.atomic import write_atomic
 from mim4dd.config import Config
 from mim4dd.data import RealData, candidate_roots
 from mim4dd.device import resolve_device
-from mim4dd.evaluate import EvalResult, NetResult, network_seed
+from mim4dd.evaluate import EvalResult, NetResult, network_seeds
 from mim4dd.experts import key_digest
 from mim4dd.metrics import random_metric
 
@@ -62,7 +62,7 @@ def random_baseline(config: Config, data: RealData | None = None) -> EvalResult:
     if (cached := _read(path, key)) is not None:
         return cached
     result = experiment.evaluate_random_baseline(config, data)
-    seeds = [network_seed(config.eval, config.seed, i) for i in range(config.eval.num_nets)]
+    seeds = network_seeds(config.eval, config.seed)
     networks = [asdict(NetResult(r.architecture, i, seeds[i], test, val))
                 for r in result.by_architecture.values()
                 for i, (test, val) in enumerate(_pairs(r))]

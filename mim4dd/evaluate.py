@@ -53,6 +53,11 @@ def network_seed(config: EvalConfig, run_seed: int, index: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
+def network_seeds(config: EvalConfig, run_seed: int) -> list[int]:
+    """The seeds of networks 0 .. num_nets - 1 (`network_seed`)."""
+    return [network_seed(config, run_seed, i) for i in range(config.num_nets)]
+
+
 def _percent(fraction: float) -> float:
     # Rounded far below any accuracy's resolution: 0.29 shows as 29.0, not as
     # 28.999999999999996 in the MLflow UI.
@@ -197,7 +202,7 @@ class Evaluator:
         device: torch.device | str = "cpu", compile: bool = False, run_seed: int = 0,
     ):
         self.config = config
-        self.seeds = [network_seed(config, run_seed, i) for i in range(config.num_nets)]
+        self.seeds = network_seeds(config, run_seed)
         self._on_device: dict[str, Split] = {}  # real splits moved to `device` (`_split`)
         self.forward = MaybeCompiled(forward, compile)  # a single network's forward pass
         self.model_config = model

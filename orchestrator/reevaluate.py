@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mim4dd.config import Config
-from mim4dd.evaluate import NetResult, network_metrics, network_seed
+from mim4dd.evaluate import NetResult, network_metrics, network_seeds
 from mim4dd.metrics import EVAL_PREFIX, TEST_ACC_MEAN, arch_metric, metric_architecture, net_metric
 from mim4dd.experiment import evaluate_synset
 from mim4dd.synset import SyntheticSet
@@ -147,13 +147,12 @@ def _evaluate_run(
 
 def _done(have: Mapping[str, float], config: Config) -> list[NetResult]:
     """The networks a stopped `evaluate` logged already, read back from the run's metrics."""
-    done = []
+    done, seeds = [], network_seeds(config.eval, config.seed)
     for arch in config.eval.models:
-        for index in range(config.eval.num_nets):
+        for index, seed in enumerate(seeds):
             test = have.get(arch_metric(arch, net_metric("test", index)))
             val = have.get(arch_metric(arch, net_metric("val", index)))
             if test is not None:
-                seed = network_seed(config.eval, config.seed, index)
                 done.append(NetResult(arch, index, seed, test / 100,
                                       None if val is None else val / 100))
     return done
