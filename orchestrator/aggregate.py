@@ -173,18 +173,18 @@ LEGEND = ("seed-level: mean ± std over seeds of each seed's mean over its netwo
           "(the test split never chooses).")
 
 
+def _baselined(summary: pd.DataFrame) -> bool:  # random real images were evaluated
+    return bool(summary[versus_random.RANDOM_MEAN].notna().any())
+
+
 def exported(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary as files and `report --format csv/json` give it: the random-baseline
-    columns only in a sweep that has a baseline (else they are empty in every row)."""
-    if summary[versus_random.RANDOM_MEAN].notna().any():
-        return summary
-    return summary.drop(columns=versus_random.COLUMNS)
+    """The summary as files and csv/json give it: baseline columns only where there is one."""
+    return summary if _baselined(summary) else summary.drop(columns=versus_random.COLUMNS)
 
 
 def legend(summary: pd.DataFrame) -> str:
     """What the summary's table shows, its random-baseline columns only where it has them."""
-    baselined = bool(summary[versus_random.RANDOM_MEAN].notna().any())
-    return LEGEND + (f" {versus_random.LEGEND}" if baselined else "")
+    return LEGEND + (f" {versus_random.LEGEND}" if _baselined(summary) else "")
 
 
 def number_text(value: Any) -> str:
@@ -206,7 +206,7 @@ def display_rows(summary: pd.DataFrame) -> list[dict[str, str]]:
     summary.md."""
     axes = cell_axes(summary)
     validated = bool(summary[VAL_MEAN].notna().any())
-    baselined = bool(summary[versus_random.RANDOM_MEAN].notna().any())
+    baselined = _baselined(summary)
     rows = []
     for row in summary.to_dict("records"):  # records keep ints as ints, unlike iterrows
         shown = {a: number_text(row[a]) for a in axes}
